@@ -1,0 +1,178 @@
+"""The `teacher` config group: load the user's model, fine-tune it for the task when it has no head
+for it yet, and cache the tuned teacher (with its score) on disk so later trials reuse it.
+
+The cache key hashes everything that determines the tuned weights: the source weights, the task's
+data and preprocessing, the fine-tuning settings, the seed and fastcpu's version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
+
+from . import __version__
+from .config import ConfigError, check_range
+from .distillation import NoDistillation, make_loss
+from .evaluation import evaluate, module_runner
+from .tasks.base import Features, Task
+from .training import TrainingConfig, seed_everything, train
+
+log = logging.getLogger(__name__)
+
+
+class TeacherError(RuntimeError):
+    """The teacher model cannot be found or loaded."""
+
+
+@dataclass
+class TeacherConfig:
+    model: str  # local directory or hub id of the (fine-tuned or base) model
+    finetune: Literal["auto", "always", "never"] = (
+        "auto"  # auto: only when the model has no head for the task
+    )
+    training: TrainingConfig = field(default_factory=TrainingConfig)  # budget of that fine-tuning
+    cache_dir: str = "~/.cache/fastcpu"  # tuned teachers and teacher scores, keyed by hash
+    eval_batch_size: int = 32
+
+    def validate(self, key: str) -> None:
+        check_range(f"{key}.eval_batch_size", self.eval_batch_size, 1)
+
+
+@dataclass
+class Teacher:
+    model: nn.Module
+    tokenizer: Any
+    metrics: dict[str, float]  # the teacher's score on the task's evaluation set
+    path: str  # where its weights live (the cache entry when fine-tuned here)
+    finetuned: bool
+
+
+def resolve_source(name: str) -> str:
+    """A local directory as an absolute path; anything else must look like a hub id."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise TeacherError(
+                f"teacher.model={name!r} is a file; give the model's directory (config.json + weights)"
+            )
+        return str(path.resolve())
+    looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_like_path:
+        raise TeacherError(f"teacher.model={name!r}: no such directory")
+    return name
+
+
+def load_model_config(source: str) -> PretrainedConfig:
+    """The model's config, or one clear error when neither disk nor hub can give it."""
+    try:
+        return AutoConfig.from_pretrained(source)
+    except OSError as error:
+        raise TeacherError(
+            f"teacher.model={source!r} is neither a local model directory nor a model id the hub served "
+            f"(offline? set teacher.model to a local directory): {error}"
+        ) from error
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes: identifies the source weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _load(task: Task, source: str) -> tuple[nn.Module, Any]:
+    model = task.auto_model_class().from_pretrained(source, attn_implementation="sdpa", **task.model_kwargs())
+    return model.eval(), AutoTokenizer.from_pretrained(source)
+
+
+def _save_atomically(entry: Path, model: nn.Module, tokenizer: Any, metrics: dict) -> None:
+    """Write the cache entry into a temporary sibling and rename it: no half-written teacher."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "teacher_metrics.json").write_text(json.dumps(metrics, indent=2))
+        staging.rename(entry)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def prepare_teacher(config: TeacherConfig, task: Task, seed: int) -> Teacher:
+    """The tuned teacher for `task` with its evaluation score, from the cache when possible."""
+    source = resolve_source(config.model)
+    model_config = load_model_config(source)
+    tuned = task.is_tuned(model_config)
+    if config.finetune == "never" and not tuned:
+        raise ConfigError(
+            f"teacher.finetune=never, but {config.model!r} has no {task.head} head for task {task.name!r}; "
+            "use teacher.finetune=auto to fine-tune it first"
+        )
+    finetune = config.finetune == "always" or (config.finetune == "auto" and not tuned)
+    seed_everything(seed)  # a freshly initialised task head must hash (and train) the same every time
+    model, tokenizer = _load(task, source)
+    eval_features = task.eval_features(tokenizer, list(tokenizer.model_input_names))
+    key_parts = {"weights": weights_digest(model), "task": task.fingerprint(), "version": __version__}
+    cache = Path(config.cache_dir).expanduser()
+    if not finetune:
+        metrics = _cached_score(
+            cache / "scores" / f"{_digest(key_parts)}.json", model, task, eval_features, config
+        )
+        return Teacher(model, tokenizer, metrics, source, finetuned=False)
+    key_parts |= {"training": asdict(config.training), "seed": seed}
+    entry = cache / "teachers" / _digest(key_parts)
+    if not entry.exists():
+        log.info("fine-tuning the teacher (cached afterwards at %s)", entry)
+        train_features = task.train_features(tokenizer, list(tokenizer.model_input_names))
+        train(
+            model,
+            task,
+            train_features,
+            config.training,
+            seed=seed,
+            loss_fn=make_loss(NoDistillation()),
+            description="teacher fine-tuning",
+        )
+        metrics = _score(model, task, eval_features, config)
+        _save_atomically(entry, model, tokenizer, metrics)
+    else:
+        log.info("reusing the fine-tuned teacher cached at %s", entry)
+    model, tokenizer = _load(task, str(entry))
+    metrics = json.loads((entry / "teacher_metrics.json").read_text())
+    return Teacher(model, tokenizer, metrics, str(entry), finetuned=True)
+
+
+def _score(model: nn.Module, task: Task, features: Features, config: TeacherConfig) -> dict[str, float]:
+    runner = module_runner(model, task.output_names)
+    metrics, _ = evaluate(runner, task, features, config.eval_batch_size, "teacher evaluation")
+    return metrics
+
+
+def _cached_score(
+    path: Path, model: nn.Module, task: Task, features: Features, config: TeacherConfig
+) -> dict:
+    if path.exists():
+        return json.loads(path.read_text())
+    metrics = _score(model, task, features, config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(".tmp")
+    staging.write_text(json.dumps(metrics, indent=2))
+    staging.replace(path)
+    return metrics

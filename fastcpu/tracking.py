@@ -1,0 +1,107 @@
+"""The `tracking` config group: one MLflow run per trial.
+
+The default store is a sqlite database at `mlruns/mlflow.db` with artifacts under `mlruns/artifacts`
+(MLflow >= 3.13 refuses a plain file store). Look at it with
+`mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+DEFAULT_STORE = Path("mlruns")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str | None = (
+        None  # MLflow tracking URI; null: sqlite:///mlruns/mlflow.db under the working directory
+    )
+    experiment: str = "fastcpu"  # MLflow experiment the runs go to
+    run_name: str | None = None  # null: MLflow picks one
+
+
+def tracking_uri(config: TrackingConfig) -> str:
+    if config.uri:
+        return config.uri
+    return f"sqlite:///{(DEFAULT_STORE / 'mlflow.db').resolve()}"
+
+
+def _experiment_id(config: TrackingConfig) -> str:
+    experiment = mlflow.get_experiment_by_name(config.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None if config.uri else (DEFAULT_STORE / "artifacts").resolve().as_uri()
+    return mlflow.create_experiment(config.experiment, artifact_location=location)
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat |= flatten(value, f"{name}.")
+        else:
+            flat[name] = value
+    return flat
+
+
+class Tracker:
+    """Logs into the active MLflow run; every method is a no-op when tracking is disabled."""
+
+    def __init__(self, run: Any | None) -> None:
+        self.run = run
+        self.run_id = run.info.run_id if run else None
+
+    def metrics(self, values: Mapping[str, float]) -> None:
+        if self.run:
+            mlflow.log_metrics({k: float(v) for k, v in values.items()})
+
+    def file(self, path: Path, folder: str | None = None) -> None:
+        if self.run:
+            mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def text(self, text: str, name: str) -> None:
+        if self.run:
+            mlflow.log_text(text, name)
+
+    def tags(self, values: Mapping[str, str]) -> None:
+        if self.run:
+            mlflow.set_tags(dict(values))
+
+
+@contextlib.contextmanager
+def trial_run(
+    config: TrackingConfig, params: Mapping[str, Any], tags: Mapping[str, str]
+) -> Iterator[Tracker]:
+    """An MLflow run for one trial; ends FAILED, with the error as a tag, when the trial raises."""
+    if not config.enabled:
+        yield Tracker(None)
+        return
+    mlflow.set_tracking_uri(tracking_uri(config))
+    with mlflow.start_run(
+        experiment_id=_experiment_id(config), run_name=config.run_name, tags=dict(tags)
+    ) as run:
+        mlflow.log_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in params.items()})
+        try:
+            yield Tracker(run)
+        except BaseException as error:
+            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+            raise
+
+
+def log_json(tracker: Tracker, data: Any, name: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(data, indent=2))
+        tracker.file(path)

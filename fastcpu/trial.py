@@ -1,0 +1,174 @@
+"""One trial: teacher -> distilled, pruned, quantized student -> artifact -> measured on the runtime.
+
+`TrialConfig.from_hydra` validates the whole composed config before any work starts; `run_trial`
+then goes through the steps, writing `result.json` last so a trial directory that has one is
+complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from . import quantization
+from .config import ConfigError, build, to_plain
+from .distillation import DISTILLERS, make_loss, needs_teacher
+from .export import export_artifact
+from .measure import RuntimeConfig, measure_artifact
+from .pruning import PRUNERS, make_pruner
+from .quantization import SCHEMES
+from .student import StudentConfig, make_student
+from .tasks import build_task_config, make_task
+from .teacher import TeacherConfig, prepare_teacher
+from .tracking import TrackingConfig, flatten, trial_run
+from .training import TrainingConfig, train
+
+log = logging.getLogger(__name__)
+
+GROUPS = (
+    "task",
+    "teacher",
+    "student",
+    "training",
+    "pruning",
+    "distillation",
+    "quantization",
+    "runtime",
+    "tracking",
+)
+
+
+@dataclass
+class TrialConfig:
+    name: str
+    seed: int
+    task: Any
+    teacher: TeacherConfig
+    student: StudentConfig
+    training: TrainingConfig
+    pruning: Any
+    distillation: Any
+    quantization: Any
+    runtime: RuntimeConfig
+    tracking: TrackingConfig
+
+    @classmethod
+    def from_hydra(cls, cfg: DictConfig) -> TrialConfig:
+        """Validate every group; raises ConfigError naming the first bad key."""
+        tree = to_plain(cfg)
+        unknown = sorted(set(tree) - {*GROUPS, "name", "seed", "hydra"})
+        if unknown:
+            raise ConfigError(f"unknown top-level key(s) {unknown}; allowed: name, seed, {', '.join(GROUPS)}")
+        seed = tree.get("seed", 42)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"seed must be an integer, got {seed!r}")
+        return cls(
+            name=str(tree.get("name", "default")),
+            seed=seed,
+            task=build_task_config(tree.get("task")),
+            teacher=build(TeacherConfig, tree.get("teacher"), "teacher"),
+            student=build(StudentConfig, tree.get("student"), "student"),
+            training=build(TrainingConfig, tree.get("training"), "training"),
+            pruning=PRUNERS.build(tree.get("pruning")),
+            distillation=DISTILLERS.build(tree.get("distillation")),
+            quantization=SCHEMES.build(tree.get("quantization")),
+            runtime=build(RuntimeConfig, tree.get("runtime"), "runtime"),
+            tracking=build(TrackingConfig, tree.get("tracking"), "tracking"),
+        )
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write via a temporary file and rename, so readers never see a partial file."""
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(data, indent=2, sort_keys=True))
+    staging.replace(path)
+
+
+def _headline(result: dict[str, Any]) -> dict[str, float]:
+    """The scalar metrics of a result (per-layer figures become `sparsity/<layer>`)."""
+    metrics = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics |= {f"sparsity/{k}": v for k, v in result.get("sparsity_per_layer", {}).items()}
+    return metrics
+
+
+def run_trial(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    """Run one trial end to end; returns the result written to `output_dir/result.json`."""
+    config = TrialConfig.from_hydra(cfg)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved.pop("hydra", None)
+    params = flatten(resolved)
+    tags = {"fastcpu.experiment": config.name, "fastcpu.output_dir": str(output_dir.resolve())}
+    with trial_run(config.tracking, params, tags) as tracker:
+        tracker.text(OmegaConf.to_yaml(OmegaConf.create(resolved)), "config.yaml")
+        task = make_task(config.task)
+        teacher = prepare_teacher(config.teacher, task, config.seed)
+        log.info("teacher %s: %s", teacher.path, teacher.metrics)
+        tracker.metrics({f"teacher_{k}": v for k, v in teacher.metrics.items()})
+
+        input_names = list(teacher.tokenizer.model_input_names)
+        train_features = task.train_features(teacher.tokenizer, input_names)
+        eval_features = task.eval_features(teacher.tokenizer, input_names)
+        student = make_student(teacher.model, config.student)
+        quantization.prepare_training(config.quantization, student)
+        total_steps = config.training.total_steps(len(train_features))
+        pruner = make_pruner(config.pruning, student, total_steps)
+        started = time.perf_counter()
+        summary = train(
+            student,
+            task,
+            train_features,
+            config.training,
+            seed=config.seed,
+            loss_fn=make_loss(config.distillation),
+            teacher=teacher.model if needs_teacher(config.distillation) else None,
+            pruner=pruner,
+            description="student training",
+        )
+        summary["train_seconds"] = time.perf_counter() - started
+        quantization.finish_training(student)
+        pruning = pruner.finalize()
+
+        artifact_dir = output_dir / "artifact"
+        export_artifact(
+            artifact_dir,
+            student,
+            teacher.tokenizer,
+            task,
+            config.quantization,
+            pruning,
+            train_features,
+            config.task.max_seq_length,
+        )
+        result, predictions = measure_artifact(artifact_dir, task, eval_features, config.runtime)
+        metric = task.primary_metric
+        teacher_score = teacher.metrics[metric]
+        result |= {f"teacher_{k}": v for k, v in teacher.metrics.items()}
+        result["relative_drop"] = (teacher_score - result[metric]) / teacher_score if teacher_score else 0.0
+        result |= {f"train_{k}": v for k, v in summary.items()}
+        result["artifact"] = str(artifact_dir.resolve())
+        result["mlflow_run_id"] = tracker.run_id
+
+        _write_json(output_dir / "predictions.json", predictions)
+        tracker.metrics(_headline(result))
+        tracker.file(output_dir / "predictions.json")
+        tracker.file(artifact_dir / "manifest.json", "artifact")
+        _write_json(output_dir / "result.json", result)
+        tracker.file(output_dir / "result.json")
+    log.info(
+        "%s=%.2f (teacher %.2f), %.1f samples/s, p90 %.1f ms, sparsity %.2f -> %s",
+        metric,
+        result[metric],
+        teacher_score,
+        result["throughput"],
+        result["latency_p90_ms"],
+        result["sparsity"],
+        output_dir,
+    )
+    return result

@@ -1,0 +1,28 @@
+"""fastcpu_runtime: load a fastcpu deploy artifact and run it fast on CPU.
+
+Deploy-side only: it depends on torch, torchao, transformers, safetensors and numpy, never on the
+training stack (datasets, optuna, mlflow, hydra), so it can ship alone.
+"""
+
+from .artifact import Artifact, load_artifact, write_artifact
+from .backends import available_backends, register_backend
+from .bench import BenchmarkResult, benchmark
+from .errors import ArtifactError, BackendError
+from .quant import dequantize_per_channel, quantize_per_channel
+from .session import Session, create_session
+
+__all__ = [
+    "Artifact",
+    "ArtifactError",
+    "BackendError",
+    "BenchmarkResult",
+    "Session",
+    "available_backends",
+    "benchmark",
+    "create_session",
+    "dequantize_per_channel",
+    "load_artifact",
+    "quantize_per_channel",
+    "register_backend",
+    "write_artifact",
+]

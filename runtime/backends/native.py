@@ -1,0 +1,123 @@
+"""PyTorch's own CPU path: torch.compile (inductor, freezing), and PT2E int8 with X86InductorQuantizer.
+
+Graphs are compiled for the session's fixed shape; the session pads every call to it so nothing recompiles.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import BackendError
+from ..inputs import fit_rows, synthetic_batch
+from ..modeling import PositionalModel
+from .registry import Runner, register_backend
+
+if TYPE_CHECKING:
+    from ..artifact import Artifact
+
+_INT8_SCHEMES = ("static_int8", "qat_int8", "dynamic_int8")
+_COMPILE_OPTIONS = {"freezing": True}  # inductor config patch: fold weights as constants, enable int8 fusions
+
+
+def _have_compiler() -> bool:
+    """Inductor generates C++; without a compiler torch.compile fails on first call."""
+    return any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
+
+
+@register_backend("native", available=_have_compiler)
+def native(artifact: Artifact, batch_size: int, seq_len: int) -> Runner:
+    scheme = artifact.scheme
+    if scheme in _INT8_SCHEMES:
+        return _int8_runner(artifact, batch_size, seq_len)
+    dtype = torch.bfloat16 if scheme == "bf16" else torch.float32
+    model = _positional(artifact, dtype)
+    precision = "bf16" if scheme == "bf16" else "fp32"
+    return Runner(_compile(model), f"native {precision} (torch.compile, inductor, freezing)")
+
+
+def _positional(artifact: Artifact, dtype: torch.dtype) -> PositionalModel:
+    return PositionalModel(artifact.build_model(dtype), artifact.input_names, artifact.output_names).eval()
+
+
+def _compile(model: Callable[..., Any]) -> Callable[..., Any]:
+    return torch.compile(model, dynamic=False, options=dict(_COMPILE_OPTIONS))
+
+
+# ------------------------------------------------------------------------------------------------ int8
+
+
+def _int8_runner(artifact: Artifact, batch_size: int, seq_len: int) -> Runner:
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        raise BackendError(f"native int8 needs an x86 CPU (X86InductorQuantizer); this is {platform.machine()}")
+    if not artifact.quantized_modules:
+        raise BackendError(f"{artifact.path}: scheme {artifact.scheme} but quantization.modules is empty")
+    dynamic = artifact.scheme == "dynamic_int8"
+    calibration = None if dynamic else _calibration_batches(artifact, batch_size, seq_len)
+    model = _positional(artifact, torch.float32)
+    example = tuple(synthetic_batch(artifact.input_names, batch_size, seq_len, artifact.vocab_size).values())
+    converted = quantize_pt2e_model(model, example, artifact.quantized_modules, dynamic, calibration)
+    kind = "dynamic" if dynamic else "static"
+    source = " from QAT weights" if artifact.scheme == "qat_int8" else ""
+    return Runner(
+        _compile(converted),
+        f"native {kind} int8{source} (PT2E X86InductorQuantizer, inductor, freezing)",
+    )
+
+
+def _calibration_batches(artifact: Artifact, batch_size: int, seq_len: int) -> list[tuple[torch.Tensor, ...]]:
+    """The artifact's calibration rows at the session shape; a short last batch wraps around to stay full."""
+    data = artifact.calibration()
+    if not data:
+        raise BackendError(
+            f"{artifact.path}: scheme {artifact.scheme} needs calibration.safetensors for static int8;"
+            " re-export with calibration data"
+        )
+    data = fit_rows({n: data[n] for n in artifact.input_names if n in data}, seq_len, artifact.pad_token_id)
+    rows = next(iter(data.values())).shape[0]
+    defaults = synthetic_batch(artifact.input_names, 1, seq_len, artifact.vocab_size)
+    batches = []
+    for start in range(0, rows, batch_size):
+        index = torch.arange(start, start + batch_size) % rows
+        batch = [data[n][index] if n in data else defaults[n].expand(batch_size, -1) for n in artifact.input_names]
+        batches.append(tuple(batch))
+    return batches
+
+
+def quantize_pt2e_model(
+    model: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    module_names: list[str],
+    dynamic: bool,
+    calibration: list[tuple[torch.Tensor, ...]] | None,
+) -> torch.nn.Module:
+    """Export, annotate only `module_names` (paths inside the Hugging Face model), calibrate, convert."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    with torch.no_grad():
+        exported = torch.export.export(model, example, strict=False).module()
+        prepared = prepare_pt2e(exported, _quantizer(module_names, dynamic))
+        for batch in calibration or [example]:
+            prepared(*batch)
+        return convert_pt2e(prepared)
+
+
+def _quantizer(module_names: list[str], dynamic: bool) -> Any:
+    """Per-module-name configs and no global one, so unlisted Linears (e.g. the QA head) stay fp32."""
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    config = get_default_x86_inductor_quantization_config(is_dynamic=dynamic)
+    quantizer = X86InductorQuantizer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the quantizer only *warns* when it drops a config; make that loud
+        for name in module_names:
+            quantizer.set_module_name_qconfig(f"model.{name}", config)
+    return quantizer

@@ -1,0 +1,86 @@
+"""Backend registry: each backend is a factory registered under a name, so new ones (ipex, onnxruntime,
+sparse) plug in as their own modules without touching the session code."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import BackendError
+
+if TYPE_CHECKING:
+    from ..artifact import Artifact
+
+
+@dataclass(frozen=True)
+class Runner:
+    """What a factory returns: `fn(*tensors in input_names order)` -> outputs in output_names order
+    (a tuple, or a mapping such as a Hugging Face ModelOutput), plus a human description."""
+
+    fn: Callable[..., Any]
+    description: str
+
+
+BackendFactory = Callable[["Artifact", int, int], "Runner | Callable[..., Any]"]
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    factory: BackendFactory
+    is_available: Callable[[], bool]
+
+
+_REGISTRY: dict[str, BackendSpec] = {}
+_BROKEN: dict[str, str] = {}  # backend module name -> why importing it failed
+
+
+def register_backend(
+    name: str, *, available: Callable[[], bool] | None = None
+) -> Callable[[BackendFactory], BackendFactory]:
+    """Register `factory(artifact, batch_size, seq_len) -> Runner | callable` under `name`.
+
+    `available` is a cheap check (e.g. "is the extension importable?") that must not import heavy libraries.
+    """
+
+    def decorator(factory: BackendFactory) -> BackendFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"backend {name!r} is already registered")
+        _REGISTRY[name] = BackendSpec(name, factory, available or (lambda: True))
+        return factory
+
+    return decorator
+
+
+def mark_broken(name: str, reason: str) -> None:
+    """Record a backend whose module failed to import, so errors can say why it is missing."""
+    _BROKEN[name] = reason
+
+
+def _usable(spec: BackendSpec) -> bool:
+    try:
+        return bool(spec.is_available())
+    except Exception:
+        return False
+
+
+def available_backends() -> list[str]:
+    """Names of the registered backends that can run on this machine."""
+    return sorted(name for name, spec in _REGISTRY.items() if _usable(spec))
+
+
+def registered_backends() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_backend(name: str) -> BackendFactory:
+    """The factory for `name`, or a BackendError that names it and lists what is available."""
+    spec = _REGISTRY.get(name)
+    available = ", ".join(available_backends()) or "none"
+    if spec is None:
+        why = f" (its module failed to import: {_BROKEN[name]})" if name in _BROKEN else ""
+        raise BackendError(f"unknown backend {name!r}{why}; available backends: {available}")
+    if not _usable(spec):
+        raise BackendError(f"backend {name!r} is not usable on this machine; available backends: {available}")
+    return spec.factory

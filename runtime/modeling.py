@@ -1,0 +1,87 @@
+"""Turn an artifact's tensors back into a Hugging Face module with the shapes that were actually saved."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .artifact import SCALE_SUFFIX
+from .errors import ArtifactError
+from .quant import dequantize_per_channel
+
+if TYPE_CHECKING:
+    from .artifact import Artifact
+
+_AUTO_CLASSES = {
+    "question_answering": "AutoModelForQuestionAnswering",
+    "sequence_classification": "AutoModelForSequenceClassification",
+    "token_classification": "AutoModelForTokenClassification",
+}
+
+
+def build_model(artifact: Artifact, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Build the task model from config.json, then load the artifact's (dequantized) tensors into it."""
+    model = _model_from_config(artifact)
+    state = dequantized_state_dict(artifact.state_dict(), artifact.quantized_modules)
+    resize_linears(model, state)
+    _load_strict(model, state, artifact)
+    return model.to(dtype).eval()
+
+
+def _model_from_config(artifact: Artifact) -> nn.Module:
+    import transformers
+
+    config = transformers.AutoConfig.for_model(**artifact.model_config)
+    auto_class = getattr(transformers, _AUTO_CLASSES[artifact.head])
+    return auto_class.from_config(config, attn_implementation="sdpa")
+
+
+def dequantized_state_dict(state: dict[str, torch.Tensor], modules: list[str]) -> dict[str, torch.Tensor]:
+    """Replace each int8 `X.weight` + `X.weight_scale` pair with a float32 `X.weight`."""
+    out = dict(state)
+    for module in modules:
+        key = f"{module}.weight"
+        try:
+            q, scale = out[key], out.pop(f"{module}{SCALE_SUFFIX}")
+        except KeyError as err:
+            raise ArtifactError(f"quantized module {module} has no stored {err.args[0]}") from None
+        out[key] = dequantize_per_channel(q, scale)
+    return out
+
+
+def resize_linears(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Rebuild each nn.Linear whose saved weight is smaller (structured pruning removed heads/neurons)."""
+    for name, module in list(model.named_modules()):
+        weight = state.get(f"{name}.weight")
+        if not isinstance(module, nn.Linear) or weight is None or weight.shape == module.weight.shape:
+            continue
+        out_features, in_features = weight.shape
+        replacement = nn.Linear(in_features, out_features, bias=module.bias is not None)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, replacement)
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], artifact: Artifact) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ArtifactError(
+            f"{artifact.path}: the stored weights do not fit a {artifact.manifest['model_type']} "
+            f"{artifact.head} model built from config.json: {err}"
+        ) from None
+
+
+class PositionalModel(nn.Module):
+    """Positional tensors in, output tuple out: the calling convention torch.export and backends share."""
+
+    def __init__(self, model: nn.Module, input_names: list[str], output_names: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.input_names = list(input_names)
+        self.output_names = list(output_names)
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out: Any = self.model(**dict(zip(self.input_names, tensors, strict=True)), return_dict=True)
+        return tuple(out[name] for name in self.output_names)

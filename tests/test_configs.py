@@ -1,0 +1,79 @@
+"""Every YAML composes and validates; bad values stop with one message naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import CONF, compose_config
+
+from fastcpu.config import ConfigError
+from fastcpu.trial import TrialConfig
+
+GROUP_OPTIONS = [
+    (group.name, option.stem)
+    for group in sorted(CONF.iterdir())
+    if group.is_dir() and group.name != "experiment"
+    for option in sorted(group.glob("*.yaml"))
+]
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def test_every_yaml_file_is_covered():
+    assert len(GROUP_OPTIONS) >= 20 and {"squad", "sst2"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_validates(experiment):
+    config = TrialConfig.from_hydra(compose_config([f"+experiment={experiment}"]))
+    assert config.name == experiment
+
+
+@pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
+def test_group_option_composes_and_validates(group, option):
+    TrialConfig.from_hydra(compose_config([f"{group}={option}"]))
+
+
+def test_main_experiment_settings():
+    config = TrialConfig.from_hydra(compose_config(["+experiment=squad"]))
+    assert config.pruning.pattern == "4x1"
+    assert config.quantization.scheme == "static_int8"
+    assert config.distillation.temperature == 2.0 and config.distillation.alpha == 0.5
+    assert config.student.layers == [0, 2, 4]
+    assert config.task.train_file.endswith("squad_sample.json")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("pruning.sparsity=1.5", "pruning.sparsity=1.5 is out of range; allowed: [0.0, 1.0)"),
+        ("quantization.scheme=int4", "quantization.scheme='int4' is unknown; allowed: bf16, dynamic_int8"),
+        ("distillation.temperature=0", "distillation.temperature=0.0 is out of range; allowed: (0.0, inf]"),
+        ("distillation.alpha=2", "distillation.alpha=2.0 is out of range"),
+        ("pruning.pattern=2x2", "pruning.pattern='2x2' is not allowed; allowed: unstructured, 4x1"),
+        ("+pruning.sparsty=0.5", "pruning: unknown key(s) ['sparsty']"),
+        ("training.batch_size=zero", "training.batch_size must be an integer"),
+        ("runtime.backend=tensorrt", "runtime.backend='tensorrt' is not available; available:"),
+        ("student.layers=[0,0]", "student.layers=[0, 0] repeats a layer"),
+        ("task.doc_stride=500", "task.doc_stride"),
+        ("training.precision=fp8", "training.precision='fp8' is not allowed; allowed: fp32, bf16"),
+    ],
+)
+def test_bad_value_names_key_and_allowed(override, message):
+    with pytest.raises(ConfigError) as error:
+        TrialConfig.from_hydra(compose_config(["+experiment=squad", override]))
+    assert message in str(error.value)
+
+
+def test_cli_rejects_bad_value_before_any_work(tmp_path):
+    """One line on stderr, non-zero exit, no MLflow store and no trial output written."""
+    command = [sys.executable, "-m", "fastcpu", "+experiment=squad", "pruning.sparsity=1.5"]
+    command += [f"hydra.run.dir={tmp_path}/trial"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert errors == ["fastcpu: error: pruning.sparsity=1.5 is out of range; allowed: [0.0, 1.0)"]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "mlruns").exists()
+    assert not list(tmp_path.rglob("result.json")) and not list(tmp_path.rglob("manifest.json"))
