@@ -12,7 +12,6 @@ from omegaconf import DictConfig
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by the user's input: reported as one line, without a traceback."""
     from fastcpu_runtime import ArtifactError, BackendError

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fastcpu_runtime import write_artifact
 from torch import nn
+
+from fastcpu_runtime import write_artifact
 
 from . import __version__
 from .quantization import calibration_samples, export_state_dict

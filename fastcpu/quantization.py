@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from fastcpu_runtime import quantize_per_channel
 from torch import nn
+
+from fastcpu_runtime import quantize_per_channel
 
 from .architectures import encoder_linears
 from .config import Registry, check_range

@@ -98,7 +98,7 @@ class Artifact:
         return load_file(self.path / WEIGHTS)
 
     def build_model(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-        """An eval-mode Hugging Face module with the artifact's (possibly compacted) shapes, int8 dequantized."""
+        """An eval-mode Hugging Face module with the saved (possibly compacted) shapes, int8 dequantized."""
         from .modeling import build_model
 
         return build_model(self, dtype=dtype)
@@ -156,8 +156,9 @@ def _check_format(root: Path, manifest: dict[str, Any]) -> None:
     version = manifest.get("format_version")
     if version not in SUPPORTED_FORMAT_VERSIONS:
         raise ArtifactError(
-            f"{root} has format_version {version!r}, but this runtime supports {list(SUPPORTED_FORMAT_VERSIONS)};"
-            " re-export with a fastcpu matching this runtime, or upgrade fastcpu_runtime"
+            f"{root} has format_version {version!r}, but this runtime supports"
+            f" {list(SUPPORTED_FORMAT_VERSIONS)}; re-export with a fastcpu matching this runtime,"
+            " or upgrade fastcpu_runtime"
         )
     try:
         _validate_manifest_fields(manifest)
@@ -195,7 +196,8 @@ def _check_consistency(root: Path, manifest: dict[str, Any], model_config: dict[
     config_type = model_config.get("model_type")
     if config_type and config_type != manifest["model_type"]:
         raise ArtifactError(
-            f"{root}: manifest model_type {manifest['model_type']!r} does not match config.json {config_type!r}"
+            f"{root}: manifest model_type {manifest['model_type']!r}"
+            f" does not match config.json model_type {config_type!r}"
         )
 
 

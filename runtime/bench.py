@@ -45,7 +45,9 @@ def benchmark(
     if rounds < 1 or iterations < 1 or warmup < 0:
         raise ValueError("rounds and iterations must be >= 1 and warmup >= 0")
     artifact = session.artifact
-    inputs = synthetic_batch(artifact.input_names, session.batch_size, session.seq_len, artifact.vocab_size, seed)
+    inputs = synthetic_batch(
+        artifact.input_names, session.batch_size, session.seq_len, artifact.vocab_size, seed
+    )
     for _ in range(warmup):
         session.run(inputs)
     throughputs, latencies = [], []

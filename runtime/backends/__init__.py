@@ -13,14 +13,20 @@ from .registry import (
     registered_backends,
 )
 
-# Optional backends are imported defensively: one that cannot import must not break the others.
+# Each backend module registers itself on import. Imports are defensive: a backend whose module cannot
+# import (missing extension, failed C++ build) is reported as broken instead of breaking the others.
 _BUILTIN = ("eager", "native")
 
-for _name in _BUILTIN:
-    try:
-        importlib.import_module(f"{__name__}.{_name}")
-    except ImportError as _err:
-        mark_broken(_name, str(_err))
+
+def _load_builtin() -> None:
+    for name in _BUILTIN:
+        try:
+            importlib.import_module(f"{__name__}.{name}")
+        except ImportError as err:
+            mark_broken(name, str(err))
+
+
+_load_builtin()
 
 __all__ = [
     "BackendFactory",

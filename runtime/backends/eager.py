@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 
 @register_backend("eager")
-def eager(artifact: "Artifact", batch_size: int, seq_len: int) -> Runner:
+def eager(artifact: Artifact, batch_size: int, seq_len: int) -> Runner:
     """Dequantized int8 and upcast bf16 weights, run in fp32 without compilation."""
     model = PositionalModel(artifact.build_model(), artifact.input_names, artifact.output_names).eval()
     return Runner(model, f"eager fp32 (PyTorch {_torch_version()}, no compile)")

@@ -5,6 +5,7 @@ Graphs are compiled for the session's fixed shape; the session pads every call t
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import shutil
 import warnings
@@ -16,13 +17,13 @@ import torch
 from ..errors import BackendError
 from ..inputs import fit_rows, synthetic_batch
 from ..modeling import PositionalModel
+from ..quant import INT8_MAX
 from .registry import Runner, register_backend
 
 if TYPE_CHECKING:
     from ..artifact import Artifact
 
 _INT8_SCHEMES = ("static_int8", "qat_int8", "dynamic_int8")
-_COMPILE_OPTIONS = {"freezing": True}  # inductor config patch: fold weights as constants, enable int8 fusions
 
 
 def _have_compiler() -> bool:
@@ -46,7 +47,21 @@ def _positional(artifact: Artifact, dtype: torch.dtype) -> PositionalModel:
 
 
 def _compile(model: Callable[..., Any]) -> Callable[..., Any]:
-    return torch.compile(model, dynamic=False, options=dict(_COMPILE_OPTIONS))
+    """torch.compile with inductor freezing (weights folded as constants, int8 weight prepacking).
+
+    Freezing must be patched into the global inductor config: torch.compile(options={"freezing": True})
+    does not reach the freezing pass in torch 2.13, and the int8 graph then fails on qlinear_prepack.
+    The patch wraps every call, not just the first, so even an unexpected recompile stays frozen.
+    """
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(model, dynamic=False)
+
+    def run(*tensors: torch.Tensor) -> Any:
+        with inductor_config.patch(freezing=True):
+            return compiled(*tensors)
+
+    return run
 
 
 # ------------------------------------------------------------------------------------------------ int8
@@ -54,7 +69,9 @@ def _compile(model: Callable[..., Any]) -> Callable[..., Any]:
 
 def _int8_runner(artifact: Artifact, batch_size: int, seq_len: int) -> Runner:
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        raise BackendError(f"native int8 needs an x86 CPU (X86InductorQuantizer); this is {platform.machine()}")
+        raise BackendError(
+            f"native int8 needs an x86 CPU (X86InductorQuantizer); this is {platform.machine()}"
+        )
     if not artifact.quantized_modules:
         raise BackendError(f"{artifact.path}: scheme {artifact.scheme} but quantization.modules is empty")
     dynamic = artifact.scheme == "dynamic_int8"
@@ -80,12 +97,20 @@ def _calibration_batches(artifact: Artifact, batch_size: int, seq_len: int) -> l
         )
     data = fit_rows({n: data[n] for n in artifact.input_names if n in data}, seq_len, artifact.pad_token_id)
     rows = next(iter(data.values())).shape[0]
+    if rows == 0:
+        raise BackendError(
+            f"{artifact.path}: calibration.safetensors holds no rows; re-export with calibration data"
+        )
     defaults = synthetic_batch(artifact.input_names, 1, seq_len, artifact.vocab_size)
     batches = []
     for start in range(0, rows, batch_size):
         index = torch.arange(start, start + batch_size) % rows
-        batch = [data[n][index] if n in data else defaults[n].expand(batch_size, -1) for n in artifact.input_names]
-        batches.append(tuple(batch))
+        batches.append(
+            tuple(
+                data[n][index] if n in data else defaults[n].expand(batch_size, -1)
+                for n in artifact.input_names
+            )
+        )
     return batches
 
 
@@ -104,7 +129,29 @@ def quantize_pt2e_model(
         prepared = prepare_pt2e(exported, _quantizer(module_names, dynamic))
         for batch in calibration or [example]:
             prepared(*batch)
-        return convert_pt2e(prepared)
+        converted = convert_pt2e(prepared)
+    expected = {f"model.{name}" for name in module_names}
+    actual = quantized_linears(converted)
+    if actual != expected:
+        missing, extra = sorted(expected - actual)[:5], sorted(actual - expected)[:5]
+        raise BackendError(
+            f"PT2E quantized {len(actual)} Linear modules instead of the {len(expected)} listed;"
+            f" not quantized: {missing}, unexpectedly quantized: {extra}"
+        )
+    return converted
+
+
+def quantized_linears(graph_module: torch.fx.GraphModule) -> set[str]:
+    """Module paths of the linear ops whose weight comes from an int8 dequantize, read off the graph."""
+    found = set()
+    for node in graph_module.graph.nodes:
+        if node.target is not torch.ops.aten.linear.default:
+            continue
+        weight = node.args[1]
+        stack = node.meta.get("nn_module_stack")
+        if stack and getattr(weight, "op", None) == "call_function" and "dequantize" in str(weight.target):
+            found.add(list(stack.values())[-1][0])
+    return found
 
 
 def _quantizer(module_names: list[str], dynamic: bool) -> Any:
@@ -115,6 +162,10 @@ def _quantizer(module_names: list[str], dynamic: bool) -> Any:
     )
 
     config = get_default_x86_inductor_quantization_config(is_dynamic=dynamic)
+    # Weight range [-127, 127] makes the observer's scale max|w| / 127, the artifact's convention, so the
+    # compiled graph runs exactly the stored int8 weights and scales. The default [-128, 127] range would
+    # use max|w| / 127.5 and shrink every quantized weight by 0.4%.
+    config = dataclasses.replace(config, weight=dataclasses.replace(config.weight, quant_min=-INT8_MAX))
     quantizer = X86InductorQuantizer()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the quantizer only *warns* when it drops a config; make that loud

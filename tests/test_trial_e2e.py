@@ -1,0 +1,123 @@
+"""A tiny end-to-end trial through the real command: real MiniLM weights, real PT2E int8 runtime,
+real MLflow sqlite store. Also: the teacher cache is reused, and bad data fails cleanly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURES
+from mlflow.tracking import MlflowClient
+
+TINY_TRIAL = [
+    "+experiment=squad",
+    f"task.train_file={FIXTURES / 'squad_tiny.json'}",
+    f"task.eval_file={FIXTURES / 'squad_tiny.json'}",
+    "task.holdout_every=4",
+    "task.holdout_offset=3",
+    "task.max_seq_length=96",
+    "task.doc_stride=32",
+    "teacher.training.max_steps=3",
+    "teacher.training.batch_size=8",
+    "student.layers=[0]",
+    "training.max_steps=6",
+    "training.batch_size=8",
+    "pruning.frequency=1",
+    "quantization.calibration_samples=8",
+    "runtime.batch_size=4",
+    "runtime.warmup=1",
+    "runtime.rounds=2",
+    "runtime.iterations=2",
+]
+
+
+def run_fastcpu(workdir: Path, overrides: list[str], name: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "fastcpu", *overrides, f"hydra.run.dir={workdir / name}"]
+    command.append(f"teacher.cache_dir={workdir / 'cache'}")
+    return subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def trial(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("e2e")
+    done = run_fastcpu(workdir, TINY_TRIAL, "first")
+    assert done.returncode == 0, done.stderr[-4000:]
+    return workdir, done
+
+
+def test_trial_writes_result_predictions_and_artifact(trial):
+    workdir, _ = trial
+    out = workdir / "first"
+    result = json.loads((out / "result.json").read_text())
+    for key in (
+        "f1",
+        "exact_match",
+        "teacher_f1",
+        "throughput",
+        "latency_p50_ms",
+        "latency_p90_ms",
+        "model_mb",
+    ):
+        assert isinstance(result[key], float), key
+    assert 0 <= result["f1"] <= 100 and result["throughput"] > 0
+    assert result["latency_p90_ms"] >= result["latency_p50_ms"] > 0
+    assert result["scheme"] == "static_int8" and "int8" in result["backend_description"]
+    assert result["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert all(v == pytest.approx(0.5, abs=0.01) for v in result["sparsity_per_layer"].values())
+    predictions = json.loads((out / "predictions.json").read_text())
+    gold = json.loads((FIXTURES / "squad_tiny.json").read_text())["data"][3]
+    assert set(predictions) == {qa["id"] for p in gold["paragraphs"] for qa in p["qas"]}
+    manifest = json.loads((out / "artifact" / "manifest.json").read_text())
+    assert manifest["quantization"]["scheme"] == "static_int8" and manifest["quantization"]["modules"]
+    assert set(manifest["files"]) >= {"config.json", "model.safetensors", "calibration.safetensors"}
+
+
+def test_trial_leaves_an_mlflow_run_with_metrics(trial):
+    workdir, _ = trial
+    assert (workdir / "mlruns" / "mlflow.db").exists()
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("fastcpu")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    result = json.loads((workdir / "first" / "result.json").read_text())
+    for key in ("f1", "exact_match", "teacher_f1", "throughput", "latency_p90_ms", "sparsity", "model_mb"):
+        assert run.data.metrics[key] == pytest.approx(result[key]), key
+    assert (
+        run.data.params["pruning.sparsity"] == "0.5"
+        and run.data.params["quantization.scheme"] == "static_int8"
+    )
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "predictions.json", "result.json", "artifact"} <= artifacts
+    assert (workdir / "mlruns" / "artifacts").is_dir()
+
+
+def test_second_trial_reuses_the_cached_teacher(trial):
+    workdir, first = trial
+    assert "fine-tuning the teacher" in first.stdout + first.stderr
+    done = run_fastcpu(workdir, [*TINY_TRIAL, "quantization=dynamic_int8", "pruning=none"], "second")
+    assert done.returncode == 0, done.stderr[-4000:]
+    log = done.stdout + done.stderr
+    assert "reusing the fine-tuned teacher" in log and "fine-tuning the teacher" not in log
+    first_result = json.loads((workdir / "first" / "result.json").read_text())
+    second_result = json.loads((workdir / "second" / "result.json").read_text())
+    assert second_result["teacher_f1"] == first_result["teacher_f1"]
+    assert second_result["sparsity"] == 0.0 and second_result["scheme"] == "dynamic_int8"
+
+
+@pytest.mark.parametrize("content", ["", '{"version": "1.1", "data": [{"title": "x", "paragraphs": ['])
+def test_bad_data_file_fails_cleanly(trial, content):
+    workdir, _ = trial
+    bad = workdir / "bad.json"
+    bad.write_text(content)
+    overrides = [*TINY_TRIAL, f"task.train_file={bad}", f"task.eval_file={bad}"]
+    done = run_fastcpu(workdir, overrides, "bad")
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1].startswith("fastcpu: error: ")
+    assert str(bad) in done.stderr and "Traceback" not in done.stderr
+    assert not (workdir / "bad" / "result.json").exists() and not (workdir / "bad" / "artifact").exists()
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("fastcpu").experiment_id], "tags.error != ''")
+    assert runs and all(r.info.status == "FAILED" for r in runs)
