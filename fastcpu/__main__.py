@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -23,13 +25,21 @@ def user_errors() -> tuple[type[Exception], ...]:
     return (ConfigError, DataError, TeacherError, ArtifactError, BackendError)
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
+def quiet_library_noise() -> None:
+    """Silence warnings the libraries print on every run that say nothing about the user's trial."""
     import transformers
 
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("torchao").setLevel(logging.ERROR)  # optional CUDA kernels and Triton, absent on CPU
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="To copy construct from a tensor")  # inductor's int8 lowering
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
     from .trial import run_trial
 
-    transformers.logging.set_verbosity_error()
+    quiet_library_noise()
     try:
         run_trial(cfg, Path(HydraConfig.get().runtime.output_dir))
     except user_errors() as error:

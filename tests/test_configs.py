@@ -90,3 +90,10 @@ def test_every_setting_is_in_the_yaml(group, option):
         if dataclasses.is_dataclass(getattr(built, field.name)):
             nested = {f.name for f in dataclasses.fields(getattr(built, field.name))}
             assert nested <= set(composed[field.name]), f"conf/{group}/{option}.yaml {field.name}"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
+def test_experiment_allows_switching_any_option(experiment, group, option):
+    """An experiment must not set values that only one option of a group has."""
+    TrialConfig.from_hydra(compose_config([f"+experiment={experiment}", f"{group}={option}"]))

@@ -65,8 +65,9 @@ def test_trial_writes_result_predictions_and_artifact(trial):
     assert 0 <= result["f1"] <= 100 and result["throughput"] > 0
     assert result["latency_p90_ms"] >= result["latency_p50_ms"] > 0
     assert result["scheme"] == "static_int8" and "int8" in result["backend_description"]
-    assert result["sparsity"] == pytest.approx(0.5, abs=0.01)
-    assert all(v == pytest.approx(0.5, abs=0.01) for v in result["sparsity_per_layer"].values())
+    # 80% 4x1 blocks, plus the few weights int8 rounds to zero
+    assert all(0.8 <= v < 0.82 for v in result["sparsity_per_layer"].values())
+    assert result["sparsity"] == pytest.approx(0.8, abs=0.02)
     predictions = json.loads((out / "predictions.json").read_text())
     gold = json.loads((FIXTURES / "squad_tiny.json").read_text())["data"][3]
     assert set(predictions) == {qa["id"] for p in gold["paragraphs"] for qa in p["qas"]}
@@ -86,7 +87,7 @@ def test_trial_leaves_an_mlflow_run_with_metrics(trial):
     for key in ("f1", "exact_match", "teacher_f1", "throughput", "latency_p90_ms", "sparsity", "model_mb"):
         assert run.data.metrics[key] == pytest.approx(result[key]), key
     assert (
-        run.data.params["pruning.sparsity"] == "0.5"
+        run.data.params["pruning.sparsity"] == "0.8"
         and run.data.params["quantization.scheme"] == "static_int8"
     )
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -97,7 +98,8 @@ def test_trial_leaves_an_mlflow_run_with_metrics(trial):
 def test_second_trial_reuses_the_cached_teacher(trial):
     workdir, first = trial
     assert "fine-tuning the teacher" in first.stdout + first.stderr
-    done = run_fastcpu(workdir, [*TINY_TRIAL, "quantization=dynamic_int8", "pruning=none"], "second")
+    overrides = [o for o in TINY_TRIAL if not o.startswith(("pruning.", "quantization."))]
+    done = run_fastcpu(workdir, [*overrides, "quantization=dynamic_int8", "pruning=none"], "second")
     assert done.returncode == 0, done.stderr[-4000:]
     log = done.stdout + done.stderr
     assert "reusing the fine-tuned teacher" in log and "fine-tuning the teacher" not in log
