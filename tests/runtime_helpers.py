@@ -37,6 +37,17 @@ def tiny_runtime_model(
     return tiny_bert_model(model_class, seed, max_position_embeddings=QA_TASK["max_seq_length"], **overrides)
 
 
+def encode(tokenizer, *texts: list[str], **kwargs) -> dict[str, torch.Tensor]:
+    """`tokenizer(*texts, **kwargs)` as the runtime's named input tensors."""
+    enc = tokenizer(*texts, return_tensors="pt", **kwargs)
+    return {name: enc[name] for name in INPUT_NAMES}
+
+
+def encode_pairs(tokenizer, count: int = len(QUESTIONS)) -> dict[str, torch.Tensor]:
+    """The first `count` question/context pairs, padded to their own longest length."""
+    return encode(tokenizer, QUESTIONS[:count], CONTEXTS[:count], padding=True)
+
+
 def encoder_linears(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".encoder." in f".{n}"]
 

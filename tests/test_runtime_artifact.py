@@ -9,10 +9,9 @@ import pytest
 import torch
 from runtime_helpers import (
     CLS_TASK,
-    CONTEXTS,
     INPUT_NAMES,
     QA_TASK,
-    QUESTIONS,
+    encode_pairs,
     encoder_linears,
     int8_state,
     save,
@@ -42,8 +41,7 @@ def cls_model() -> BertForSequenceClassification:
 
 @pytest.fixture(scope="module")
 def batch(tokenizer) -> dict[str, torch.Tensor]:
-    enc = tokenizer(QUESTIONS[:3], CONTEXTS[:3], padding=True, return_tensors="pt")
-    return {name: enc[name] for name in INPUT_NAMES}
+    return encode_pairs(tokenizer, 3)
 
 
 def outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from runtime_helpers import (
     CLS_TASK,
-    CONTEXTS,
     INPUT_NAMES,
     QA_TASK,
-    QUESTIONS,
+    encode,
+    encode_pairs,
     encoder_linears,
     save,
     tiny_runtime_model,
@@ -57,16 +57,15 @@ def qa_model():
 @pytest.fixture(scope="module")
 def qa_inputs(tokenizer) -> dict[str, torch.Tensor]:
     """Real question/context pairs, padded to their own longest length (< SEQ)."""
-    enc = tokenizer(QUESTIONS, CONTEXTS, padding=True, return_tensors="pt")
-    assert enc["input_ids"].shape[1] <= SEQ
-    return {name: enc[name] for name in INPUT_NAMES}
+    inputs = encode_pairs(tokenizer)
+    assert inputs["input_ids"].shape[1] <= SEQ
+    return inputs
 
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, qa_model, tokenizer) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("artifacts")
-    enc = tokenizer(CALIBRATION_TEXTS, padding="max_length", max_length=24, return_tensors="pt")
-    calibration = {name: enc[name] for name in INPUT_NAMES}
+    calibration = encode(tokenizer, CALIBRATION_TEXTS, padding="max_length", max_length=24)
     int8 = encoder_linears(qa_model)
     return {
         "none": save(root / "fp32", qa_model, tokenizer),

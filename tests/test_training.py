@@ -23,7 +23,9 @@ def setup(tokenizer):
         "holdout_every": 4,
         "holdout_offset": 3,
     }
-    task = make_task(build_task_config(node | {"max_seq_length": 64, "doc_stride": 16, "max_query_length": 24}))
+    task = make_task(
+        build_task_config(node | {"max_seq_length": 64, "doc_stride": 16, "max_query_length": 24})
+    )
     return task, task.train_features(tokenizer, list(tokenizer.model_input_names))
 
 
