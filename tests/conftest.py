@@ -59,3 +59,18 @@ def tiny_bert_model(
 @pytest.fixture
 def tiny_qa_model() -> BertForQuestionAnswering:
     return tiny_bert_model(BertForQuestionAnswering)
+
+
+def tiny_squad_task(**settings):
+    """The SQuAD task on the fixture file, split by article (3 training articles, 1 evaluation)."""
+    from fastcpu.tasks import build_task_config, make_task
+
+    fixture = str(FIXTURES / "squad_tiny.json")
+    node = {
+        "name": "squad",
+        "train_file": fixture,
+        "eval_file": fixture,
+        "holdout_every": 4,
+        "holdout_offset": 3,
+    }
+    return make_task(build_task_config(node | settings))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FIXTURES, MINILM
+from conftest import MINILM, tiny_squad_task
 from transformers import AutoModelForQuestionAnswering
 
 import fastcpu_runtime as rt
@@ -14,7 +14,6 @@ from fastcpu.export import export_artifact
 from fastcpu.pruning import MagnitudePruning, StructuredPruning, make_pruner
 from fastcpu.quantization import SCHEMES, finish_training, prepare_training
 from fastcpu.student import StudentConfig, make_student
-from fastcpu.tasks import build_task_config, make_task
 from fastcpu.training import TrainingConfig, train
 
 SEQ = 128
@@ -22,15 +21,7 @@ SEQ = 128
 
 @pytest.fixture(scope="module")
 def task():
-    fixture = str(FIXTURES / "squad_tiny.json")
-    node = {
-        "name": "squad",
-        "train_file": fixture,
-        "eval_file": fixture,
-        "holdout_every": 4,
-        "holdout_offset": 3,
-    }
-    return make_task(build_task_config(node | {"max_seq_length": SEQ, "doc_stride": 48}))
+    return tiny_squad_task(max_seq_length=SEQ, doc_stride=48)
 
 
 @pytest.fixture(scope="module")

@@ -4,28 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FIXTURES, tiny_bert_config
+from conftest import tiny_bert_config, tiny_squad_task
 from transformers import BertForQuestionAnswering
 
 from fastcpu.distillation import LogitDistillation, make_loss
 from fastcpu.pruning import MagnitudePruning, make_pruner
-from fastcpu.tasks import build_task_config, make_task
 from fastcpu.training import TrainingConfig, train
 
 
 @pytest.fixture(scope="module")
 def setup(tokenizer):
-    fixture = str(FIXTURES / "squad_tiny.json")
-    node = {
-        "name": "squad",
-        "train_file": fixture,
-        "eval_file": fixture,
-        "holdout_every": 4,
-        "holdout_offset": 3,
-    }
-    task = make_task(
-        build_task_config(node | {"max_seq_length": 64, "doc_stride": 16, "max_query_length": 24})
-    )
+    task = tiny_squad_task(max_seq_length=64, doc_stride=16, max_query_length=24)
     return task, task.train_features(tokenizer, list(tokenizer.model_input_names))
 
 
