@@ -131,7 +131,7 @@ def run_trial(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             pruner=pruner,
             description="student training",
         )
-        summary["train_seconds"] = time.perf_counter() - started
+        summary["seconds"] = time.perf_counter() - started
         quantization.finish_training(student)
         pruning = pruner.finalize()
 

@@ -106,7 +106,9 @@ def test_second_trial_reuses_the_cached_teacher(trial):
     first_result = json.loads((workdir / "first" / "result.json").read_text())
     second_result = json.loads((workdir / "second" / "result.json").read_text())
     assert second_result["teacher_f1"] == first_result["teacher_f1"]
-    assert second_result["sparsity"] == 0.0 and second_result["scheme"] == "dynamic_int8"
+    assert (
+        second_result["sparsity"] < 0.05 and second_result["scheme"] == "dynamic_int8"
+    )  # int8 rounding zeros only
 
 
 @pytest.mark.parametrize("content", ["", '{"version": "1.1", "data": [{"title": "x", "paragraphs": ['])
