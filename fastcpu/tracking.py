@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import tempfile
+import traceback
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,16 +75,13 @@ class Tracker:
         if self.run:
             mlflow.log_text(text, name)
 
-    def tags(self, values: Mapping[str, str]) -> None:
-        if self.run:
-            mlflow.set_tags(dict(values))
-
 
 @contextlib.contextmanager
 def trial_run(
     config: TrackingConfig, params: Mapping[str, Any], tags: Mapping[str, str]
 ) -> Iterator[Tracker]:
-    """An MLflow run for one trial; ends FAILED, with the error as a tag, when the trial raises."""
+    """An MLflow run for one trial; when the trial raises it ends FAILED, with the error as a tag and
+    the traceback as `error.txt`."""
     if not config.enabled:
         yield Tracker(None)
         return
@@ -97,11 +94,5 @@ def trial_run(
             yield Tracker(run)
         except BaseException as error:
             mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+            mlflow.log_text(traceback.format_exc(), "error.txt")
             raise
-
-
-def log_json(tracker: Tracker, data: Any, name: str) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        path.write_text(json.dumps(data, indent=2))
-        tracker.file(path)

@@ -125,6 +125,8 @@ def test_bad_data_file_fails_cleanly(trial, content):
     client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("fastcpu").experiment_id], "tags.error != ''")
     assert runs and all(r.info.status == "FAILED" for r in runs)
+    error_text = client.download_artifacts(runs[0].info.run_id, "error.txt", str(workdir))
+    assert "Traceback" in Path(error_text).read_text()
 
 
 def test_sst2_trial_on_local_tsv(tmp_path):
