@@ -26,27 +26,27 @@ if TYPE_CHECKING:
 _INT8_SCHEMES = ("static_int8", "qat_int8", "dynamic_int8")
 
 
-def _have_compiler() -> bool:
+def have_compiler() -> bool:
     """Inductor generates C++; without a compiler torch.compile fails on first call."""
     return any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
 
 
-@register_backend("native", available=_have_compiler)
+@register_backend("native", available=have_compiler)
 def native(artifact: Artifact, batch_size: int, seq_len: int) -> Runner:
     scheme = artifact.scheme
     if scheme in _INT8_SCHEMES:
         return _int8_runner(artifact, batch_size, seq_len)
     dtype = torch.bfloat16 if scheme == "bf16" else torch.float32
-    model = _positional(artifact, dtype)
+    model = positional_model(artifact, dtype)
     precision = "bf16" if scheme == "bf16" else "fp32"
-    return Runner(_compile(model), f"native {precision} (torch.compile, inductor, freezing)")
+    return Runner(compile_frozen(model), f"native {precision} (torch.compile, inductor, freezing)")
 
 
-def _positional(artifact: Artifact, dtype: torch.dtype) -> PositionalModel:
+def positional_model(artifact: Artifact, dtype: torch.dtype) -> PositionalModel:
     return PositionalModel(artifact.build_model(dtype), artifact.input_names, artifact.output_names).eval()
 
 
-def _compile(model: Callable[..., Any]) -> Callable[..., Any]:
+def compile_frozen(model: Callable[..., Any]) -> Callable[..., Any]:
     """torch.compile with inductor freezing (weights folded as constants, int8 weight prepacking).
 
     Freezing must be patched into the global inductor config: torch.compile(options={"freezing": True})
@@ -75,19 +75,19 @@ def _int8_runner(artifact: Artifact, batch_size: int, seq_len: int) -> Runner:
     if not artifact.quantized_modules:
         raise BackendError(f"{artifact.path}: scheme {artifact.scheme} but quantization.modules is empty")
     dynamic = artifact.scheme == "dynamic_int8"
-    calibration = None if dynamic else _calibration_batches(artifact, batch_size, seq_len)
-    model = _positional(artifact, torch.float32)
+    calibration = None if dynamic else calibration_batches(artifact, batch_size, seq_len)
+    model = positional_model(artifact, torch.float32)
     example = tuple(synthetic_batch(artifact.input_names, batch_size, seq_len, artifact.vocab_size).values())
     converted = quantize_pt2e_model(model, example, artifact.quantized_modules, dynamic, calibration)
     kind = "dynamic" if dynamic else "static"
     source = " from QAT weights" if artifact.scheme == "qat_int8" else ""
     return Runner(
-        _compile(converted),
+        compile_frozen(converted),
         f"native {kind} int8{source} (PT2E X86InductorQuantizer, inductor, freezing)",
     )
 
 
-def _calibration_batches(artifact: Artifact, batch_size: int, seq_len: int) -> list[tuple[torch.Tensor, ...]]:
+def calibration_batches(artifact: Artifact, batch_size: int, seq_len: int) -> list[tuple[torch.Tensor, ...]]:
     """The artifact's calibration rows at the session shape; a short last batch wraps around to stay full."""
     data = artifact.calibration()
     if not data:

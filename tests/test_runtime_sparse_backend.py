@@ -1,0 +1,206 @@
+"""The sparse backend: a 4x1-pruned int8 tiny BERT run on the block-sparse kernel inside torch.compile.
+
+Each sparse/native session compiles (seconds), so sessions are module-scoped and shared between tests.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from runtime_helpers import (
+    encode,
+    encode_pairs,
+    encoder_linears,
+    save,
+    tiny_runtime_model,
+)
+from torch._dynamo.utils import counters
+from transformers import BertForQuestionAnswering
+
+from fastcpu.pruning import magnitude_mask
+from fastcpu_runtime import BackendError, available_backends, create_session, load_artifact
+from fastcpu_runtime.backends.sparse import (
+    SparseInt8Linear,
+    quantize_uint8,
+    sparse_available,
+    sparse_linear_op,
+)
+from fastcpu_runtime.kernels import pack_4x1, sparse_linear
+
+pytestmark = pytest.mark.skipif(not sparse_available(), reason="sparse needs x86 and a C++ compiler")
+
+CALIBRATION_TEXTS = [
+    "The committee approved the budget after a long debate.",
+    "Rainfall in the valley doubled compared with last spring.",
+    "She tuned the violin before the concert started.",
+    "Engineers replaced the bridge cables during the night.",
+]
+BATCH, SEQ, SPARSITY = 4, 32, 0.8
+
+
+@pytest.fixture(scope="module")
+def pruned_model() -> BertForQuestionAnswering:
+    """Tiny QA BERT (large init so int8 error shows) with every encoder Linear pruned to 80% 4x1 blocks."""
+    model = tiny_runtime_model(BertForQuestionAnswering, initializer_range=0.2)
+    with torch.no_grad():
+        for name in encoder_linears(model):
+            weight = model.get_submodule(name).weight
+            weight.mul_(magnitude_mask(weight, SPARSITY, "4x1"))
+    return model
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, pruned_model, tokenizer) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sparse_artifacts")
+    modules = encoder_linears(pruned_model)
+    calibration = encode(tokenizer, CALIBRATION_TEXTS, padding="max_length", max_length=24)
+    return {
+        "none": save(root / "fp32", pruned_model, tokenizer),
+        "static_int8": save(
+            root / "static",
+            pruned_model,
+            tokenizer,
+            scheme="static_int8",
+            modules=modules,
+            calibration=calibration,
+        ),
+        "dynamic_int8": save(
+            root / "dynamic", pruned_model, tokenizer, scheme="dynamic_int8", modules=modules
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def qa_inputs(tokenizer) -> dict[str, torch.Tensor]:
+    inputs = encode_pairs(tokenizer)
+    assert inputs["input_ids"].shape[1] <= SEQ
+    return inputs
+
+
+@pytest.fixture(scope="module")
+def reference(pruned_model, qa_inputs) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        out = pruned_model(**qa_inputs)
+    return {"start_logits": out.start_logits, "end_logits": out.end_logits}
+
+
+@pytest.fixture(scope="module")
+def static_session(artifacts):
+    return create_session(artifacts["static_int8"], "sparse", batch_size=BATCH, seq_len=SEQ)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+def test_custom_op_matches_the_kernel_and_has_a_fake():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (8, 16), dtype=torch.int8, generator=gen)
+    w[:4, ::2] = 0
+    x = torch.randint(0, 256, (5, 16), dtype=torch.uint8, generator=gen)
+    scale, bias = torch.rand(8, generator=gen), torch.randn(8, generator=gen)
+    packed = pack_4x1(w)
+    args = (x, torch.tensor(0.02), torch.tensor(7.0), packed.row_ptr, packed.col_idx, packed.values)
+    got = sparse_linear_op(*args, packed.row_sums, scale, bias)
+    torch.testing.assert_close(got, sparse_linear(x, 0.02, 7, packed, scale, bias), rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.fastcpu.sparse_linear.default, (*args, packed.row_sums, scale, bias))
+
+
+def test_module_pads_odd_out_features_and_keeps_leading_dims():
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randint(-127, 128, (6, 12), dtype=torch.int8, generator=gen)
+    scale, bias = torch.rand(6, generator=gen) / 100, torch.randn(6, generator=gen)
+    module = SparseInt8Linear(weight, scale, bias, x_range=(-2.0, 3.0))
+    x = torch.randn(2, 3, 12, generator=gen)
+    q = quantize_uint8(x, module.x_scale, module.x_zero_point)
+    expected = (q.float() - module.x_zero_point) * module.x_scale @ (weight.float() * scale[:, None]).T + bias
+    torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_is_registered_and_available():
+    assert "sparse" in available_backends()
+
+
+def test_static_sparse_is_close_to_fp32_on_real_text(static_session, qa_inputs, reference):
+    assert "block-sparse" in static_session.description
+    out = static_session.run(qa_inputs)
+    for name, expected in reference.items():
+        assert out[name].shape == expected.shape
+        assert cosine(out[name], expected) >= 0.99, name
+
+
+def test_static_sparse_is_deterministic_and_does_not_recompile(static_session, qa_inputs):
+    graphs = counters["stats"]["unique_graphs"]
+    first = static_session.run(qa_inputs)
+    smaller = {name: tensor[:2, :20] for name, tensor in qa_inputs.items()}  # padded inside the session
+    second = static_session.run(smaller)
+    again = static_session.run(qa_inputs)
+    assert counters["stats"]["unique_graphs"] == graphs, "a smaller input must not recompile"
+    assert second["start_logits"].shape == (2, 20)
+    for name in first:
+        torch.testing.assert_close(again[name], first[name], rtol=0, atol=0)
+
+
+def test_whole_model_is_one_graph_around_the_custom_op(artifacts):
+    """dynamo must trace through the op: no graph breaks, and one op node per quantized Linear."""
+    from fastcpu_runtime.backends import sparse as backend
+    from fastcpu_runtime.backends.native import positional_model
+    from fastcpu_runtime.inputs import synthetic_batch
+
+    artifact = load_artifact(artifacts["dynamic_int8"])
+    model = positional_model(artifact, torch.float32)
+    backend.replace_linears(model.model, artifact.state_dict(), artifact.quantized_modules, None)
+    example = tuple(synthetic_batch(artifact.input_names, 2, 16, artifact.vocab_size).values())
+    explanation = torch._dynamo.explain(model)(*example)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    ops = [
+        node
+        for node in explanation.graphs[0].graph.nodes
+        if node.target in (torch.ops.fastcpu.sparse_linear, torch.ops.fastcpu.sparse_linear.default)
+    ]
+    assert len(ops) == len(artifact.quantized_modules)
+
+
+def test_sparse_is_close_to_native_static_int8(artifacts, static_session, qa_inputs):
+    native = create_session(artifacts["static_int8"], "native", batch_size=BATCH, seq_len=SEQ)
+    ours, theirs = static_session.run(qa_inputs), native.run(qa_inputs)
+    for name in ours:
+        assert cosine(ours[name], theirs[name]) >= 0.99, name
+
+
+def test_dynamic_scheme(artifacts, qa_inputs, reference):
+    session = create_session(artifacts["dynamic_int8"], "sparse", batch_size=BATCH, seq_len=SEQ)
+    assert session.description.startswith("sparse dynamic int8")
+    out = session.run(qa_inputs)
+    for name, expected in reference.items():
+        assert cosine(out[name], expected) >= 0.99, name
+
+
+def test_non_int8_artifact_is_refused(artifacts):
+    with pytest.raises(BackendError, match="sparse needs an int8 artifact"):
+        create_session(artifacts["none"], "sparse", batch_size=BATCH, seq_len=SEQ)
+
+
+def unpack(module: SparseInt8Linear) -> torch.Tensor:
+    """The dense int8 weight a module's 4x1 packing encodes (padding slots hold zeros, so they add 0)."""
+    groups = torch.repeat_interleave(torch.arange(len(module.row_ptr) - 1), module.row_ptr.diff().long())
+    dense = torch.zeros(module.weight_scale.shape[0], module.in_features, dtype=torch.int32)
+    rows = (groups[:, None, None] * 4 + torch.arange(4)[None, :, None]).expand(-1, 4, 4)
+    cols = module.col_idx.long()[:, None, :].expand(-1, 4, 4)
+    dense.index_put_((rows, cols), module.values.int(), accumulate=True)
+    return dense[: module.out_features].to(torch.int8)
+
+
+def test_packed_weights_are_the_stored_int8_weights(artifacts):
+    """No requantization: every replaced Linear's packing decodes back to the artifact's int8 tensor."""
+    from fastcpu_runtime.backends import sparse as backend
+
+    artifact = load_artifact(artifacts["static_int8"])
+    state = artifact.state_dict()
+    model = artifact.build_model()
+    replaced = backend.replace_linears(model, state, artifact.quantized_modules, None)
+    assert len(replaced) == len(artifact.quantized_modules)
+    for name, module in zip(artifact.quantized_modules, replaced, strict=True):
+        torch.testing.assert_close(unpack(module), state[f"{name}.weight"], rtol=0, atol=0)
+        assert module.packed.density <= 1 - SPARSITY + 0.05, name
