@@ -99,7 +99,8 @@ def test_second_trial_reuses_the_cached_teacher(trial):
     workdir, first = trial
     assert "fine-tuning the teacher" in first.stdout + first.stderr
     overrides = [o for o in TINY_TRIAL if not o.startswith(("pruning.", "quantization."))]
-    done = run_fastcpu(workdir, [*overrides, "quantization=dynamic_int8", "pruning=none"], "second")
+    second = [*overrides, "quantization=dynamic_int8", "pruning=none", "runtime=sparse"]
+    done = run_fastcpu(workdir, second, "second")
     assert done.returncode == 0, done.stderr[-4000:]
     log = done.stdout + done.stderr
     assert "reusing the fine-tuned teacher" in log and "fine-tuning the teacher" not in log
