@@ -24,7 +24,7 @@ from . import __version__
 from .config import ConfigError, check_range
 from .distillation import NoDistillation, make_loss
 from .evaluation import evaluate, module_runner
-from .tasks.base import Features, Task
+from .tasks.base import Task
 from .training import TrainingConfig, seed_everything, train
 
 log = logging.getLogger(__name__)
@@ -128,12 +128,11 @@ def prepare_teacher(config: TeacherConfig, task: Task, seed: int) -> Teacher:
     finetune = config.finetune == "always" or (config.finetune == "auto" and not tuned)
     seed_everything(seed)  # a freshly initialised task head must hash (and train) the same every time
     model, tokenizer = _load(task, source)
-    eval_features = task.eval_features(tokenizer, list(tokenizer.model_input_names))
     key_parts = {"weights": weights_digest(model), "task": task.fingerprint(), "version": __version__}
     cache = Path(config.cache_dir).expanduser()
     if not finetune:
         metrics = _cached_score(
-            cache / "scores" / f"{_digest(key_parts)}.json", model, task, eval_features, config
+            cache / "scores" / f"{_digest(key_parts)}.json", model, tokenizer, task, config
         )
         return Teacher(model, tokenizer, metrics, source, finetuned=False)
     key_parts |= {"training": asdict(config.training), "seed": seed}
@@ -150,7 +149,7 @@ def prepare_teacher(config: TeacherConfig, task: Task, seed: int) -> Teacher:
             loss_fn=make_loss(NoDistillation()),
             description="teacher fine-tuning",
         )
-        metrics = _score(model, task, eval_features, config)
+        metrics = _score(model, tokenizer, task, config)
         _save_atomically(entry, model, tokenizer, metrics)
     else:
         log.info("reusing the fine-tuned teacher cached at %s", entry)
@@ -159,18 +158,18 @@ def prepare_teacher(config: TeacherConfig, task: Task, seed: int) -> Teacher:
     return Teacher(model, tokenizer, metrics, str(entry), finetuned=True)
 
 
-def _score(model: nn.Module, task: Task, features: Features, config: TeacherConfig) -> dict[str, float]:
+def _score(model: nn.Module, tokenizer: Any, task: Task, config: TeacherConfig) -> dict[str, float]:
+    """The teacher's metrics on the task's evaluation set (tokenized only when a score is needed)."""
+    features = task.eval_features(tokenizer, list(tokenizer.model_input_names))
     runner = module_runner(model, task.output_names)
     metrics, _ = evaluate(runner, task, features, config.eval_batch_size, "teacher evaluation")
     return metrics
 
 
-def _cached_score(
-    path: Path, model: nn.Module, task: Task, features: Features, config: TeacherConfig
-) -> dict:
+def _cached_score(path: Path, model: nn.Module, tokenizer: Any, task: Task, config: TeacherConfig) -> dict:
     if path.exists():
         return json.loads(path.read_text())
-    metrics = _score(model, task, features, config)
+    metrics = _score(model, tokenizer, task, config)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(".tmp")
     staging.write_text(json.dumps(metrics, indent=2))

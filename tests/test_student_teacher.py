@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MINILM
+from conftest import MINILM, tiny_squad_task
 
 from fastcpu.config import ConfigError
 from fastcpu.student import StudentConfig, make_student
-from fastcpu.teacher import TeacherError, load_model_config, resolve_source
+from fastcpu.teacher import TeacherConfig, TeacherError, load_model_config, prepare_teacher, resolve_source
 
 
 def test_student_keeps_the_chosen_teacher_layers(tiny_qa_model):
@@ -52,3 +52,24 @@ def test_hub_id_while_offline(monkeypatch):
 
 def test_local_model_loads():
     assert load_model_config(resolve_source(str(MINILM))).num_hidden_layers == 6
+
+
+def test_tuned_teacher_is_scored_once_and_not_fine_tuned(tmp_path, tiny_qa_model, tokenizer):
+    tiny_qa_model.save_pretrained(tmp_path / "tuned")
+    tokenizer.save_pretrained(tmp_path / "tuned")
+    task = tiny_squad_task(max_seq_length=64, doc_stride=16, max_query_length=24)
+    config = TeacherConfig(model=str(tmp_path / "tuned"), finetune="auto", cache_dir=str(tmp_path / "cache"))
+    teacher = prepare_teacher(config, task, seed=0)
+    assert not teacher.finetuned and set(teacher.metrics) == {"exact_match", "f1"}
+    (score_file,) = (tmp_path / "cache" / "scores").iterdir()
+    assert not (tmp_path / "cache" / "teachers").exists()
+    score_file.write_text('{"exact_match": 1.0, "f1": 2.0}')  # a second call must read, not recompute
+    assert prepare_teacher(config, task, seed=0).metrics == {"exact_match": 1.0, "f1": 2.0}
+
+
+def test_untuned_teacher_with_finetune_never(tmp_path):
+    task = tiny_squad_task(max_seq_length=64, doc_stride=16, max_query_length=24)
+    with pytest.raises(ConfigError, match="teacher.finetune=never, but .* has no question_answering head"):
+        prepare_teacher(
+            TeacherConfig(model=str(MINILM), finetune="never", cache_dir=str(tmp_path)), task, seed=0
+        )
