@@ -74,3 +74,13 @@ def tiny_squad_task(**settings):
         "holdout_offset": 3,
     }
     return make_task(build_task_config(node | settings))
+
+
+@pytest.fixture(scope="module")
+def qa_inputs(tokenizer) -> dict[str, torch.Tensor]:
+    """Real question/context pairs for the runtime tests, padded to their own longest length (<= SEQ)."""
+    from runtime_helpers import SEQ, encode_pairs
+
+    inputs = encode_pairs(tokenizer)
+    assert inputs["input_ids"].shape[1] <= SEQ
+    return inputs

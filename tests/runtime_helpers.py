@@ -43,6 +43,9 @@ def encode(tokenizer, *texts: list[str], **kwargs) -> dict[str, torch.Tensor]:
     return {name: enc[name] for name in INPUT_NAMES}
 
 
+BATCH, SEQ = 4, 32  # the fixed session shape of the runtime backend tests
+
+
 def encode_pairs(tokenizer, count: int = len(QUESTIONS)) -> dict[str, torch.Tensor]:
     """The first `count` question/context pairs, padded to their own longest length."""
     return encode(tokenizer, QUESTIONS[:count], CONTEXTS[:count], padding=True)

@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from runtime_helpers import (
+    BATCH,
     CLS_TASK,
     INPUT_NAMES,
     QA_TASK,
+    SEQ,
     encode,
-    encode_pairs,
     encoder_linears,
     save,
     tiny_runtime_model,
@@ -41,7 +42,6 @@ CALIBRATION_TEXTS = [
     "The library opens at nine and closes at six.",
     "Migrating birds rest on the lake every autumn.",
 ]
-BATCH, SEQ = 4, 32
 
 
 def tiny_model(model_class, **overrides):
@@ -52,14 +52,6 @@ def tiny_model(model_class, **overrides):
 @pytest.fixture(scope="module")
 def qa_model():
     return tiny_model(BertForQuestionAnswering)
-
-
-@pytest.fixture(scope="module")
-def qa_inputs(tokenizer) -> dict[str, torch.Tensor]:
-    """Real question/context pairs, padded to their own longest length (< SEQ)."""
-    inputs = encode_pairs(tokenizer)
-    assert inputs["input_ids"].shape[1] <= SEQ
-    return inputs
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from runtime_helpers import (
+    BATCH,
+    SEQ,
     encode,
-    encode_pairs,
     encoder_linears,
     save,
     tiny_runtime_model,
@@ -36,7 +37,7 @@ CALIBRATION_TEXTS = [
     "She tuned the violin before the concert started.",
     "Engineers replaced the bridge cables during the night.",
 ]
-BATCH, SEQ, SPARSITY = 4, 32, 0.8
+SPARSITY = 0.8
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +70,6 @@ def artifacts(tmp_path_factory, pruned_model, tokenizer) -> dict[str, Path]:
             root / "dynamic", pruned_model, tokenizer, scheme="dynamic_int8", modules=modules
         ),
     }
-
-
-@pytest.fixture(scope="module")
-def qa_inputs(tokenizer) -> dict[str, torch.Tensor]:
-    inputs = encode_pairs(tokenizer)
-    assert inputs["input_ids"].shape[1] <= SEQ
-    return inputs
 
 
 @pytest.fixture(scope="module")
