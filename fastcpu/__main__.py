@@ -1,4 +1,5 @@
-"""`python -m fastcpu +experiment=NAME [key=value ...]`: run one trial with Hydra-composed configs."""
+"""`python -m fastcpu +experiment=NAME [key=value ...]`: a study of trials when the composed config has a
+`search` section (every shipped experiment does), else one trial; `~search` runs one trial of it."""
 
 from __future__ import annotations
 
@@ -35,15 +36,28 @@ def quiet_library_noise() -> None:
     warnings.filterwarnings("ignore", message="To copy construct from a tensor")  # inductor's int8 lowering
 
 
+def compose_trial(overrides: list[str]) -> DictConfig:
+    """A trial's config from the same conf/ tree as the command line's (Hydra's compose API)."""
+    return hydra.compose(config_name="config", overrides=overrides)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
+    from .search import Study
     from .trial import run_trial
 
     quiet_library_noise()
+    hydra_config = HydraConfig.get()
+    output_dir = Path(hydra_config.runtime.output_dir)
     try:
-        run_trial(cfg, Path(HydraConfig.get().runtime.output_dir))
+        if cfg.get("search") is None:
+            run_trial(cfg, output_dir)
+        else:
+            print(Study(cfg, list(hydra_config.overrides.task), output_dir, compose_trial).run().text())
     except user_errors() as error:
         sys.exit(f"fastcpu: error: {error}")
+    except KeyboardInterrupt:
+        sys.exit("fastcpu: interrupted; completed trials are kept; the same command resumes the study")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from .evaluation import evaluate
 from .pruning import sparsity_report
 from .tasks.base import Features, Task
 
+MEASURED = ("throughput", "latency_p50_ms", "latency_p90_ms", "model_mb", "artifact_mb", "sparsity")
+
 
 @dataclass
 class RuntimeConfig:

@@ -7,11 +7,14 @@ data and preprocessing, the fine-tuning settings, the seed and fastcpu's version
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -137,25 +140,57 @@ def prepare_teacher(config: TeacherConfig, task: Task, seed: int) -> Teacher:
         return Teacher(model, tokenizer, metrics, source, finetuned=False)
     key_parts |= {"training": asdict(config.training), "seed": seed}
     entry = cache / "teachers" / _digest(key_parts)
-    if not entry.exists():
-        log.info("fine-tuning the teacher (cached afterwards at %s)", entry)
-        train_features = task.train_features(tokenizer, list(tokenizer.model_input_names))
-        train(
-            model,
-            task,
-            train_features,
-            config.training,
-            seed=seed,
-            loss_fn=make_loss(NoDistillation()),
-            description="teacher fine-tuning",
-        )
-        metrics = _score(model, tokenizer, task, config)
-        _save_atomically(entry, model, tokenizer, metrics)
-    else:
-        log.info("reusing the fine-tuned teacher cached at %s", entry)
+    with exclusive(entry.with_suffix(".lock")):  # workers of one study wait for one fine-tuning
+        if not entry.exists():
+            _finetune(entry, model, tokenizer, task, config, seed)
+        else:
+            log.info("reusing the fine-tuned teacher cached at %s", entry)
     model, tokenizer = _load(task, str(entry))
     metrics = json.loads((entry / "teacher_metrics.json").read_text())
     return Teacher(model, tokenizer, metrics, str(entry), finetuned=True)
+
+
+def _finetune(
+    entry: Path, model: nn.Module, tokenizer: Any, task: Task, config: TeacherConfig, seed: int
+) -> None:
+    log.info("fine-tuning the teacher (cached afterwards at %s)", entry)
+    train_features = task.train_features(tokenizer, list(tokenizer.model_input_names))
+    train(
+        model,
+        task,
+        train_features,
+        config.training,
+        seed=seed,
+        loss_fn=make_loss(NoDistillation()),
+        description="teacher fine-tuning",
+    )
+    metrics = _score(model, tokenizer, task, config)
+    _save_atomically(entry, model, tokenizer, metrics)
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: Path) -> Iterator[None]:
+    """An OS file lock: one process at a time, released even when the holder is killed."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class Teachers:
+    """Teachers prepared in this process, keyed by what determines them: a study's trials share one."""
+
+    def __init__(self) -> None:
+        self._prepared: dict[str, Teacher] = {}
+
+    def __call__(self, config: TeacherConfig, task: Task, seed: int) -> Teacher:
+        key = json.dumps([asdict(config), task.fingerprint(), seed], sort_keys=True, default=str)
+        if key not in self._prepared:
+            self._prepared[key] = prepare_teacher(config, task, seed)
+        return self._prepared[key]
 
 
 def _score(model: nn.Module, tokenizer: Any, task: Task, config: TeacherConfig) -> dict[str, float]:

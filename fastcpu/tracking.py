@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,16 +78,22 @@ class Tracker:
 
 @contextlib.contextmanager
 def trial_run(
-    config: TrackingConfig, params: Mapping[str, Any], tags: Mapping[str, str]
+    config: TrackingConfig,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+    parent_run_id: str | None = None,
 ) -> Iterator[Tracker]:
-    """An MLflow run for one trial; when the trial raises it ends FAILED, with the error as a tag and
-    the traceback as `error.txt`."""
+    """An MLflow run for one trial (a child of `parent_run_id` in a study); when the trial raises it
+    ends FAILED, with the error as a tag and the traceback as `error.txt`."""
     if not config.enabled:
         yield Tracker(None)
         return
     mlflow.set_tracking_uri(tracking_uri(config))
     with mlflow.start_run(
-        experiment_id=_experiment_id(config), run_name=config.run_name, tags=dict(tags)
+        experiment_id=_experiment_id(config),
+        run_name=config.run_name,
+        tags=dict(tags),
+        parent_run_id=parent_run_id,
     ) as run:
         mlflow.log_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in params.items()})
         try:
@@ -96,3 +102,33 @@ def trial_run(
             mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
             mlflow.log_text(traceback.format_exc(), "error.txt")
             raise
+
+
+def create_parent_run(config: TrackingConfig, study_name: str, params: Mapping[str, Any]) -> str:
+    """The MLflow run a study's trials nest under; it stays RUNNING until a worker finishes it."""
+    mlflow.set_tracking_uri(tracking_uri(config))
+    client = mlflow.MlflowClient()
+    tags = {"fastcpu.study": study_name, "fastcpu.role": "study"}
+    run = client.create_run(_experiment_id(config), run_name=f"study {study_name}", tags=tags)
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, value)
+    return run.info.run_id
+
+
+def finish_parent_run(
+    config: TrackingConfig,
+    run_id: str | None,
+    status: str,
+    files: Iterable[Path] = (),
+    metrics: Mapping[str, float] | None = None,
+) -> None:
+    """Log the study's result files and figures to its parent run and set its status."""
+    if run_id is None:
+        return
+    mlflow.set_tracking_uri(tracking_uri(config))
+    client = mlflow.MlflowClient()
+    for path in files:
+        client.log_artifact(run_id, str(path))
+    for key, value in (metrics or {}).items():
+        client.log_metric(run_id, key, value)
+    client.set_terminated(run_id, status)

@@ -7,9 +7,11 @@ complete.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +22,13 @@ from . import quantization
 from .config import ConfigError, build, to_plain
 from .distillation import DISTILLERS, make_loss, needs_teacher
 from .export import export_artifact
-from .measure import RuntimeConfig, measure_artifact
-from .pruning import PRUNERS, make_pruner
+from .measure import MEASURED, RuntimeConfig, measure_artifact
+from .pruning import PRUNERS, NoPruning, make_pruner
 from .quantization import SCHEMES
 from .student import StudentConfig, make_student
 from .tasks import build_task_config, make_task
-from .teacher import TeacherConfig, prepare_teacher
+from .tasks.base import Task
+from .teacher import Teacher, TeacherConfig, prepare_teacher
 from .tracking import TrackingConfig, flatten, trial_run
 from .training import TrainingConfig, train
 
@@ -62,9 +65,11 @@ class TrialConfig:
     def from_hydra(cls, cfg: DictConfig) -> TrialConfig:
         """Validate every group; raises ConfigError naming the first bad key."""
         tree = to_plain(cfg)
-        unknown = sorted(set(tree) - {*GROUPS, "name", "seed", "hydra"})
+        unknown = sorted(set(tree) - {*GROUPS, "name", "seed", "search", "hydra"})
         if unknown:
-            raise ConfigError(f"unknown top-level key(s) {unknown}; allowed: name, seed, {', '.join(GROUPS)}")
+            raise ConfigError(
+                f"unknown top-level key(s) {unknown}; allowed: name, seed, search, {', '.join(GROUPS)}"
+            )
         seed = tree.get("seed", 42)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"seed must be an integer, got {seed!r}")
@@ -97,18 +102,38 @@ def _headline(result: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
-def run_trial(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    """Run one trial end to end; returns the result written to `output_dir/result.json`."""
+def result_metrics(task: Task) -> set[str]:
+    """The numbers every trial's result holds: what a sweep may optimize or constrain."""
+    return {*task.metric_names, *MEASURED, "relative_drop"}
+
+
+def run_trial(
+    cfg: DictConfig,
+    output_dir: Path,
+    *,
+    teachers: Callable[[TeacherConfig, Task, int], Teacher] = prepare_teacher,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run one trial end to end; returns the result written to `output_dir/result.json`.
+
+    A study passes `teachers` (prepared once, shared by its trials), its MLflow parent run and tags.
+    """
     config = TrialConfig.from_hydra(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("hydra", None)
+    resolved.pop("search", None)
     params = flatten(resolved)
-    tags = {"fastcpu.experiment": config.name, "fastcpu.output_dir": str(output_dir.resolve())}
-    with trial_run(config.tracking, params, tags) as tracker:
+    tags = {
+        "fastcpu.experiment": config.name,
+        "fastcpu.output_dir": str(output_dir.resolve()),
+        **(tags or {}),
+    }
+    with trial_run(config.tracking, params, tags, parent_run_id) as tracker:
         tracker.text(OmegaConf.to_yaml(OmegaConf.create(resolved)), "config.yaml")
         task = make_task(config.task)
-        teacher = prepare_teacher(config.teacher, task, config.seed)
+        teacher = teachers(config.teacher, task, config.seed)
         log.info("teacher %s: %s", teacher.path, teacher.metrics)
         tracker.metrics({f"teacher_{k}": v for k, v in teacher.metrics.items()})
 
@@ -172,3 +197,36 @@ def run_trial(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         output_dir,
     )
     return result
+
+
+def measure_uncompressed(
+    cfg: DictConfig,
+    output_dir: Path,
+    backends: dict[str, str],
+    teachers: Callable[[TeacherConfig, Task, int], Teacher] = prepare_teacher,
+) -> dict[str, dict[str, Any]]:
+    """The teacher exported without any compression and measured on each of `backends` ({label:
+    backend}): the reference points a study's trials are compared with."""
+    config = TrialConfig.from_hydra(cfg)
+    task = make_task(config.task)
+    teacher = teachers(config.teacher, task, config.seed)
+    eval_features = task.eval_features(teacher.tokenizer, list(teacher.tokenizer.model_input_names))
+    artifact_dir = output_dir / "artifact"
+    export_artifact(
+        artifact_dir,
+        teacher.model,
+        teacher.tokenizer,
+        task,
+        quantization.NoQuantization(),
+        make_pruner(NoPruning(), teacher.model, 0).finalize(),
+        eval_features,
+        config.task.max_seq_length,
+    )
+    references = {}
+    for label, backend in backends.items():
+        runtime = dataclasses.replace(config.runtime, backend=backend)
+        result, _ = measure_artifact(artifact_dir, task, eval_features, runtime)
+        keep = {*task.metric_names, *MEASURED, "backend_description"}
+        references[label] = {k: v for k, v in result.items() if k in keep}
+        log.info("reference %s on %s: %s", label, backend, references[label])
+    return references

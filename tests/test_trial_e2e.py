@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 TINY_TRIAL = [
     "+experiment=squad",
+    "~search",  # one trial, not the experiment's study
     f"task.train_file={FIXTURES / 'squad_tiny.json'}",
     f"task.eval_file={FIXTURES / 'squad_tiny.json'}",
     "task.holdout_every=4",
@@ -135,6 +136,7 @@ def test_sst2_trial_on_local_tsv(tmp_path):
     tsv = str(FIXTURES / "sst2_tiny.tsv")
     overrides = [
         "+experiment=sst2",
+        "~search",
         f"task.train_file={tsv}",
         f"task.eval_file={tsv}",
         "task.max_seq_length=48",

@@ -188,6 +188,7 @@ class Task(ABC):
     head: ClassVar[str]
     output_names: ClassVar[tuple[str, ...]]
     primary_metric: ClassVar[str]
+    metric_names: ClassVar[tuple[str, ...]]  # every score `evaluate` returns
     auto_class_name: ClassVar[str]  # transformers AutoModelFor... class
     architecture_suffix: ClassVar[str]  # the ...For<Head> suffix of architectures tuned for this task
 

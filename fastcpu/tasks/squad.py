@@ -291,6 +291,7 @@ class SquadTask(Task):
     head = "question_answering"
     output_names = ("start_logits", "end_logits")
     primary_metric = "f1"
+    metric_names = ("exact_match", "f1")
     auto_class_name = "AutoModelForQuestionAnswering"
     architecture_suffix = "ForQuestionAnswering"
     config: SquadConfig

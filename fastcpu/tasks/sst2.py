@@ -89,6 +89,7 @@ class Sst2Task(Task):
     head = "sequence_classification"
     output_names = ("logits",)
     primary_metric = "accuracy"
+    metric_names = ("accuracy",)
     auto_class_name = "AutoModelForSequenceClassification"
     architecture_suffix = "ForSequenceClassification"
     config: Sst2Config

@@ -1,0 +1,263 @@
+"""The `search` section: an Optuna multi-objective study whose trials are fastcpu trials.
+
+`python -m fastcpu +experiment=squad` runs a study when the composed config has a `search` section.
+Each trial composes its own config with Hydra's compose API (the command line's overrides, the
+sweep's fixed overrides, then the values Optuna suggests), runs end to end in
+`<output>/trial_NNNN`, and reports the sweep's objectives. Constraints go to Optuna, so its Pareto
+front holds feasible trials only. Workers that share a storage URL share the study.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig
+
+from .config import ConfigError, build, check_range, to_plain
+from .pareto import REFERENCE_ATTR, Report
+from .sweep import Sweep, load_sweep
+from .teacher import Teachers
+from .tracking import create_parent_run, finish_parent_run, flatten, tracking_uri
+from .trial import TrialConfig, measure_uncompressed, result_metrics, run_trial
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORAGE = Path("sweeps") / "optuna.db"
+PARENT_ATTR = "mlflow_parent_run_id"
+TRIAL_ATTRS = ("throughput", "latency_p50_ms", "latency_p90_ms", "model_mb", "sparsity", "mlflow_run_id")
+SAMPLERS = ("tpe", "nsga2")
+
+
+@dataclass
+class SearchConfig:
+    sweep: str = "squad"  # sweeps/NAME.yaml, or a path to a sweep file
+    study_name: str = "default"  # the study in the storage; the same name resumes it
+    n_trials: int = 4  # the study stops once it holds this many complete trials
+    timeout: float | None = None  # seconds: no new trial starts after this; null: no limit
+    sampler: str = "tpe"  # tpe (Optuna's multi-objective default) | nsga2
+    seed: int | None = 0  # sampler seed; null: a different search each run
+    startup_trials: int = 4  # random trials before TPE models the results (NSGA-II: population size)
+    storage: str | None = None  # SQLAlchemy URL shared by workers; null: sqlite:///sweeps/optuna.db
+    heartbeat_interval: int = 30  # seconds between a running trial's heartbeats
+    grace_period: int = 120  # a running trial silent this long belongs to a dead worker: failed
+    latency_budget_ms: float | None = None  # name the best trial whose p90 latency fits; null: no budget
+    references: bool = True  # measure the uncompressed teacher once per study (plot reference points)
+
+    def validate(self, key: str) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"{key}.sampler={self.sampler!r} is unknown; allowed: {', '.join(SAMPLERS)}")
+        check_range(f"{key}.n_trials", self.n_trials, 1)
+        check_range(f"{key}.startup_trials", self.startup_trials, 2)
+        check_range(f"{key}.heartbeat_interval", self.heartbeat_interval, 1)
+        check_range(f"{key}.grace_period", self.grace_period, self.heartbeat_interval, low_open=True)
+        check_range(f"{key}.timeout", self.timeout, 0, low_open=True)
+        check_range(f"{key}.latency_budget_ms", self.latency_budget_ms, 0, low_open=True)
+
+
+def storage_url(config: SearchConfig) -> str:
+    if config.storage:
+        return config.storage
+    DEFAULT_STORAGE.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{DEFAULT_STORAGE.resolve()}"
+
+
+def open_storage(config: SearchConfig) -> optuna.storages.RDBStorage:
+    """The study database, with heartbeats so a dead worker's running trial is marked failed."""
+    url = storage_url(config)
+    try:
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=config.heartbeat_interval,
+            grace_period=config.grace_period,
+            engine_kwargs={"pool_pre_ping": True},
+        )
+    except Exception as error:
+        raise ConfigError(
+            f"search.storage={_redacted(url)!r} cannot be opened ({type(error).__name__}: "
+            f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); allowed: a reachable "
+            "SQLAlchemy URL such as sqlite:///sweeps/optuna.db or postgresql+psycopg://USER:PASSWORD@HOST/DB"
+        ) from None
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password, for messages."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    return f"{scheme}{sep}{credentials.split(':')[0]}:***@{host}"
+
+
+def make_sampler(config: SearchConfig) -> optuna.samplers.BaseSampler:
+    if config.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=config.startup_trials, seed=config.seed)
+    return optuna.samplers.TPESampler(n_startup_trials=config.startup_trials, seed=config.seed)
+
+
+def open_study(config: SearchConfig, sweep: Sweep) -> tuple[optuna.Study, bool]:
+    """(study, created): the first worker creates the study, later ones and reruns load it."""
+    storage = open_storage(config)
+    directions = [o.direction for o in sweep.objectives]
+    try:
+        study = optuna.create_study(
+            storage=storage, study_name=config.study_name, sampler=make_sampler(config), directions=directions
+        )
+        study.set_metric_names([o.name for o in sweep.objectives])
+        return study, True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=config.study_name, storage=storage, sampler=make_sampler(config))
+    names = study.metric_names or [o.name for o in sweep.objectives]
+    if [d.name.lower() for d in study.directions] != directions or names != [
+        o.name for o in sweep.objectives
+    ]:
+        raise ConfigError(
+            f"search.study_name={config.study_name!r} already exists with objectives {names} "
+            f"({[d.name.lower() for d in study.directions]}); the sweep asks for "
+            f"{[(o.name, o.direction) for o in sweep.objectives]}. Use another study_name."
+        )
+    return study, False
+
+
+class Study:
+    """One worker's part of a study: composes, runs and reports trials until the study is done."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        overrides: list[str],
+        output_dir: Path,
+        compose: Callable[[list[str]], DictConfig],
+    ) -> None:
+        self.config = build(SearchConfig, to_plain(cfg.search), "search")
+        self.base = TrialConfig.from_hydra(cfg)  # the command line's trial, validated before any work
+        self.overrides = [o for o in overrides if not o.startswith("search.")]
+        self.output_dir = output_dir
+        self.compose = compose
+        self.sweep = load_sweep(self.config.sweep)
+        self.teachers = Teachers()
+
+    def check(self) -> None:
+        """Every error a sweep can make, found before any trial runs."""
+        from .tasks import make_task
+
+        self.sweep.check_metrics(result_metrics(make_task(self.base.task)))
+        self.sweep.check_keys(lambda extra: TrialConfig.from_hydra(self.compose([*self.overrides, *extra])))
+
+    def run(self) -> Report:
+        self.check()
+        study, created = open_study(self.config, self.sweep)
+        parent = self._parent_run(study, created)
+        log.info(
+            "study %r in %s: %d trial(s) already complete",
+            study.study_name,
+            _redacted(storage_url(self.config)),
+            _complete(study),
+        )
+        if created and self.config.references:
+            references = measure_uncompressed(
+                self.compose(self.overrides),
+                self.output_dir / "reference",
+                {"teacher": "eager", "uncompressed": self.base.runtime.backend},
+                self.teachers,
+            )
+            study.set_user_attr(REFERENCE_ATTR, references)
+        try:
+            self._optimize(study, parent)
+        except KeyboardInterrupt:
+            log.warning(
+                "interrupted: the running trial is marked failed; %d complete trial(s) kept", _complete(study)
+            )
+            finish_parent_run(self.base.tracking, parent, "KILLED")
+            raise
+        report = Report.from_study(study, self.config.latency_budget_ms)
+        report.write(self.output_dir)
+        finish_parent_run(
+            self.base.tracking, parent, "FINISHED", report.files(self.output_dir), report.summary()
+        )
+        return report
+
+    def _parent_run(self, study: optuna.Study, created: bool) -> str | None:
+        """The study's MLflow parent run: made by the worker that created the study, found by the others."""
+        tracking = self.base.tracking
+        if not tracking.enabled:
+            return None
+        if created:
+            params = {**flatten({"search": asdict(self.config)}), "sweep.file": str(self.sweep.path)}
+            run_id = create_parent_run(tracking, self.config.study_name, params)
+            study.set_user_attr(PARENT_ATTR, run_id)
+            study.set_user_attr("mlflow_tracking_uri", tracking_uri(tracking))
+            return run_id
+        return _wait_for_attr(study, PARENT_ATTR)
+
+    def _optimize(self, study: optuna.Study, parent: str | None) -> None:
+        """Run trials until the study holds n_trials complete ones (counting other workers' running
+        trials, so workers do not overshoot), this worker has started n_trials, or the timeout."""
+        started = 0
+        deadline = time.monotonic() + self.config.timeout if self.config.timeout else None
+        while started < self.config.n_trials and (deadline is None or time.monotonic() < deadline):
+            with warnings.catch_warnings():  # "experimental since v2.9": it is how heartbeats take effect
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+            if _complete(study) + _running(study) >= self.config.n_trials:
+                break
+            started += 1
+            study.optimize(lambda trial: self._trial(trial, parent), n_trials=1, catch=(Exception,))
+
+    def _trial(self, trial: optuna.Trial, parent: str | None) -> list[float]:
+        suggested = self.sweep.suggest(trial)
+        trial.set_user_attr("overrides", suggested)
+        output_dir = self.output_dir / f"trial_{trial.number:04d}"
+        trial.set_user_attr("output_dir", str(output_dir.resolve()))
+        _fresh_compiler()
+        try:
+            run_name = f"tracking.run_name='{self.config.study_name} trial {trial.number}'"
+            cfg = self.compose([*self.overrides, *self.sweep.fixed, *suggested, run_name])
+            tags = {"fastcpu.study": self.config.study_name, "fastcpu.trial": str(trial.number)}
+            result = run_trial(cfg, output_dir, teachers=self.teachers, parent_run_id=parent, tags=tags)
+        except Exception as error:
+            trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:2000])
+            raise
+        for name in TRIAL_ATTRS:
+            trial.set_user_attr(name, result[name])
+        trial.set_user_attr("artifact", result["artifact"])
+        for constraint in self.sweep.constraints:
+            trial.set_constraint(constraint.text, constraint.violation(result))
+        return [float(result[o.name]) for o in self.sweep.objectives]
+
+
+def _fresh_compiler() -> None:
+    """Each trial compiles a new model: drop the previous graphs so dynamo's per-function cache
+    limit is never reached (past it, a trial would silently be measured in eager mode)."""
+    import torch
+
+    torch._dynamo.reset()
+    gc.collect()
+
+
+def _complete(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+
+
+def _running(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+
+
+def _wait_for_attr(study: optuna.Study, name: str, timeout: float = 120.0) -> Any:
+    """A value the study's creator is about to set (another worker may have created it a moment ago)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = optuna.load_study(study_name=study.study_name, storage=study._storage).user_attrs.get(name)
+        if value is not None:
+            return value
+        time.sleep(0.5)
+    raise ConfigError(
+        f"study {study.study_name!r} has no {name} after {timeout:.0f} s; is its creator alive?"
+    )
