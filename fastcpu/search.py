@@ -9,17 +9,22 @@ front holds feasible trials only. Workers that share a storage URL share the stu
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import os
+import signal
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 from omegaconf import DictConfig
+from optuna.trial import TrialState
 
 from .config import ConfigError, build, check_range, to_plain
 from .pareto import REFERENCE_ATTR, Report
@@ -29,6 +34,9 @@ from .tracking import create_parent_run, finish_parent_run, flatten, tracking_ur
 from .trial import TrialConfig, measure_uncompressed, result_metrics, run_trial
 
 log = logging.getLogger(__name__)
+# Heartbeats, fail_stale_trials and metric names have been "experimental" since Optuna 2.9 / 3.2; the
+# study relies on them on purpose, so their warning would only repeat itself on every run.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 DEFAULT_STORAGE = Path("sweeps") / "optuna.db"
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -40,7 +48,7 @@ SAMPLERS = ("tpe", "nsga2")
 class SearchConfig:
     sweep: str = "squad"  # sweeps/NAME.yaml, or a path to a sweep file
     study_name: str = "default"  # the study in the storage; the same name resumes it
-    n_trials: int = 4  # the study stops once it holds this many complete trials
+    n_trials: int = 4  # complete trials the study aims for; a worker also stops after this many failures
     timeout: float | None = None  # seconds: no new trial starts after this; null: no limit
     sampler: str = "tpe"  # tpe (Optuna's multi-objective default) | nsga2
     seed: int | None = 0  # sampler seed; null: a different search each run
@@ -73,12 +81,21 @@ def open_storage(config: SearchConfig) -> optuna.storages.RDBStorage:
     """The study database, with heartbeats so a dead worker's running trial is marked failed."""
     url = storage_url(config)
     try:
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=config.heartbeat_interval,
-            grace_period=config.grace_period,
-            engine_kwargs={"pool_pre_ping": True},
-        )
+        # Workers started together race to create the tables of an empty database: on PostgreSQL the
+        # loser's CREATE TABLE fails once the winner commits (IntegrityError on pg_type's unique index,
+        # or ProgrammingError "relation already exists"). The tables exist by then: open it again.
+        for attempt in range(3):
+            try:
+                return optuna.storages.RDBStorage(
+                    url,
+                    heartbeat_interval=config.heartbeat_interval,
+                    grace_period=config.grace_period,
+                    engine_kwargs={"pool_pre_ping": True},
+                )
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                if attempt == 2:
+                    raise
+                time.sleep(1.0)
     except Exception as error:
         raise ConfigError(
             f"search.storage={_redacted(url)!r} cannot be opened ({type(error).__name__}: "
@@ -96,10 +113,13 @@ def _redacted(url: str) -> str:
     return f"{scheme}{sep}{credentials.split(':')[0]}:***@{host}"
 
 
-def make_sampler(config: SearchConfig) -> optuna.samplers.BaseSampler:
+def make_sampler(config: SearchConfig, worker_salt: int = 0) -> optuna.samplers.BaseSampler:
+    """The sampler; `worker_salt` gives a worker joining or resuming a study its own random stream, so
+    it does not propose again what the study's first worker proposed."""
+    seed = None if config.seed is None else config.seed + worker_salt
     if config.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=config.startup_trials, seed=config.seed)
-    return optuna.samplers.TPESampler(n_startup_trials=config.startup_trials, seed=config.seed)
+        return optuna.samplers.NSGAIISampler(population_size=config.startup_trials, seed=seed)
+    return optuna.samplers.TPESampler(n_startup_trials=config.startup_trials, seed=seed)
 
 
 def open_study(config: SearchConfig, sweep: Sweep) -> tuple[optuna.Study, bool]:
@@ -113,7 +133,12 @@ def open_study(config: SearchConfig, sweep: Sweep) -> tuple[optuna.Study, bool]:
         study.set_metric_names([o.name for o in sweep.objectives])
         return study, True
     except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=config.study_name, storage=storage, sampler=make_sampler(config))
+        salt = os.getpid() + 7919 * len(
+            storage.get_all_trials(storage.get_study_id_from_name(config.study_name))
+        )
+        study = optuna.load_study(
+            study_name=config.study_name, storage=storage, sampler=make_sampler(config, salt)
+        )
     names = study.metric_names or [o.name for o in sweep.objectives]
     if [d.name.lower() for d in study.directions] != directions or names != [
         o.name for o in sweep.objectives
@@ -159,7 +184,7 @@ class Study:
             "study %r in %s: %d trial(s) already complete",
             study.study_name,
             _redacted(storage_url(self.config)),
-            _complete(study),
+            _count(study, TrialState.COMPLETE),
         )
         if created and self.config.references:
             references = measure_uncompressed(
@@ -170,19 +195,38 @@ class Study:
             )
             study.set_user_attr(REFERENCE_ATTR, references)
         try:
-            self._optimize(study, parent)
+            with self._interruptible():
+                self._optimize(study, parent)
         except KeyboardInterrupt:
             log.warning(
-                "interrupted: the running trial is marked failed; %d complete trial(s) kept", _complete(study)
+                "interrupted: the running trial is marked failed; %d complete trial(s) kept",
+                _count(study, TrialState.COMPLETE),
             )
             finish_parent_run(self.base.tracking, parent, "KILLED")
             raise
         report = Report.from_study(study, self.config.latency_budget_ms)
         report.write(self.output_dir)
-        finish_parent_run(
-            self.base.tracking, parent, "FINISHED", report.files(self.output_dir), report.summary()
-        )
+        # the last worker standing finishes the parent run; its report then covers every trial
+        status = "RUNNING" if _count(study, TrialState.RUNNING) else "FINISHED"
+        finish_parent_run(self.base.tracking, parent, status, report.files(self.output_dir), report.summary())
         return report
+
+    @contextlib.contextmanager
+    def _interruptible(self) -> Iterator[None]:
+        """Ctrl-C raises KeyboardInterrupt (Optuna marks the running trial failed) and is remembered:
+        an interrupt that lands where Python drops exceptions (a garbage-collector callback) still stops
+        the study once the running trial is done."""
+        self.interrupted = False
+
+        def on_interrupt(signum: int, frame: Any) -> None:
+            self.interrupted = True
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGINT, on_interrupt)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def _parent_run(self, study: optuna.Study, created: bool) -> str | None:
         """The study's MLflow parent run: made by the worker that created the study, found by the others."""
@@ -198,18 +242,25 @@ class Study:
         return _wait_for_attr(study, PARENT_ATTR)
 
     def _optimize(self, study: optuna.Study, parent: str | None) -> None:
-        """Run trials until the study holds n_trials complete ones (counting other workers' running
-        trials, so workers do not overshoot), this worker has started n_trials, or the timeout."""
-        started = 0
+        """Run trials until the study holds n_trials complete ones (other workers' running trials
+        count as pending, so workers do not overshoot), the timeout passes, or n_trials of this
+        worker's own trials have failed (a broken setting must not loop forever)."""
+        failed = 0
         deadline = time.monotonic() + self.config.timeout if self.config.timeout else None
-        while started < self.config.n_trials and (deadline is None or time.monotonic() < deadline):
-            with warnings.catch_warnings():  # "experimental since v2.9": it is how heartbeats take effect
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
-            if _complete(study) + _running(study) >= self.config.n_trials:
+        while failed < self.config.n_trials and (deadline is None or time.monotonic() < deadline):
+            if self.interrupted:
+                raise KeyboardInterrupt
+            optuna.storages.fail_stale_trials(study)
+            if _count(study, TrialState.COMPLETE) + _count(study, TrialState.RUNNING) >= self.config.n_trials:
                 break
-            started += 1
-            study.optimize(lambda trial: self._trial(trial, parent), n_trials=1, catch=(Exception,))
+            states: list[TrialState] = []
+            study.optimize(
+                lambda trial: self._trial(trial, parent),
+                n_trials=1,
+                catch=(Exception,),
+                callbacks=[lambda _, trial, states=states: states.append(trial.state)],
+            )
+            failed += states == [TrialState.FAIL]
 
     def _trial(self, trial: optuna.Trial, parent: str | None) -> list[float]:
         suggested = self.sweep.suggest(trial)
@@ -242,12 +293,8 @@ def _fresh_compiler() -> None:
     gc.collect()
 
 
-def _complete(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-
-
-def _running(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+def _count(study: optuna.Study, state: TrialState) -> int:
+    return len(study.get_trials(deepcopy=False, states=(state,)))
 
 
 def _wait_for_attr(study: optuna.Study, name: str, timeout: float = 120.0) -> Any:

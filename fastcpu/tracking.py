@@ -122,7 +122,8 @@ def finish_parent_run(
     files: Iterable[Path] = (),
     metrics: Mapping[str, float] | None = None,
 ) -> None:
-    """Log the study's result files and figures to its parent run and set its status."""
+    """Log the study's result files and figures to its parent run and set its status (RUNNING leaves
+    it open for the workers still running trials)."""
     if run_id is None:
         return
     mlflow.set_tracking_uri(tracking_uri(config))
@@ -131,4 +132,5 @@ def finish_parent_run(
         client.log_artifact(run_id, str(path))
     for key, value in (metrics or {}).items():
         client.log_metric(run_id, key, value)
-    client.set_terminated(run_id, status)
+    if status != "RUNNING":
+        client.set_terminated(run_id, status)

@@ -84,3 +84,12 @@ def qa_inputs(tokenizer) -> dict[str, torch.Tensor]:
     inputs = encode_pairs(tokenizer)
     assert inputs["input_ids"].shape[1] <= SEQ
     return inputs
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """`postgresql+psycopg://postgres@127.0.0.1:PORT` of a throwaway server with databases `optuna` and
+    `mlflow` (tests/postgres.py); skips without PostgreSQL, fails then under FASTCPU_REQUIRE_POSTGRES=1."""
+    from postgres import postgres_or_skip
+
+    yield from postgres_or_skip()

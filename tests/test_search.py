@@ -1,0 +1,285 @@
+"""A seeded study on tiny trials through the real command: real Optuna sqlite storage, real MLflow
+store, real optuna-dashboard. The printed Pareto front must equal a brute-force non-dominated filter of
+the feasible complete trials; a failing trial, a constraint and an interruption must not spoil it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+from test_trial_e2e import TINY_TRIAL
+
+pytestmark = pytest.mark.slow
+
+N_TRIALS = 5
+SWEEP = """\
+# A tiny search space: student.layers [0, 9] cannot be built from a 6-layer teacher, so trials that
+# draw it fail; sparsity below 0.6 violates the constraint.
+params:
+  pruning.sparsity: {type: float, low: 0.3, high: 0.9}
+  distillation.alpha: {type: float, low: 0.2, high: 0.9}
+  student.layers: {type: categorical, choices: [[0], [0, 1], [0, 9]]}
+fixed:
+  runtime: eager
+objectives:
+  f1: maximize
+  throughput: maximize
+constraints:
+  - sparsity >= 0.6
+"""
+TINY_STUDY = [o for o in TINY_TRIAL if o not in ("~search", "quantization.calibration_samples=8")]
+
+
+def study_command(workdir: Path, name: str, n_trials: int, out: str, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "fastcpu",
+        *TINY_STUDY,
+        f"search.sweep={workdir / 'sweep.yaml'}",
+        f"search.storage={storage(workdir)}",
+        f"search.study_name={name}",
+        f"search.n_trials={n_trials}",
+        "search.startup_trials=50",  # random sampling throughout: the seed alone fixes what is drawn
+        "search.seed=10",
+        "search.latency_budget_ms=100000",
+        *extra,
+        f"teacher.cache_dir={workdir / 'cache'}",
+        f"hydra.run.dir={workdir / out}",
+    ]
+
+
+def storage(workdir: Path) -> str:
+    return f"sqlite:///{workdir / 'optuna.db'}"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("study")
+    (workdir / "sweep.yaml").write_text(SWEEP)
+    command = study_command(workdir, "tiny", N_TRIALS, "out")
+    done = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return workdir, done.stdout, optuna.load_study(study_name="tiny", storage=storage(workdir))
+
+
+def front_numbers(printed: str) -> set[int]:
+    """Trial numbers of the table the command printed (the rows after the dashed rule)."""
+    lines = printed.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Pareto front of study")) + 3
+    rows = []
+    for line in lines[start:]:
+        if not line.strip() or not line.split()[0].isdigit():
+            break
+        rows.append(int(line.split()[0]))
+    return set(rows)
+
+
+def brute_force_front(study: optuna.Study) -> set[int]:
+    signs = [1 if d == optuna.study.StudyDirection.MAXIMIZE else -1 for d in study.directions]
+    feasible = [
+        t
+        for t in study.trials
+        if t.state == TrialState.COMPLETE and all(v <= 0 for v in t.constraints.values())
+    ]
+
+    def dominates(a, b) -> bool:
+        pairs = [(s * x, s * y) for s, x, y in zip(signs, a.values, b.values, strict=True)]
+        return all(x >= y for x, y in pairs) and any(x > y for x, y in pairs)
+
+    return {t.number for t in feasible if not any(dominates(o, t) for o in feasible)}
+
+
+def test_printed_front_equals_brute_force_filter(study):
+    _, stdout, loaded = study
+    assert front_numbers(stdout) == brute_force_front(loaded) != set()
+    assert loaded.metric_names == ["f1", "throughput"]
+
+
+def test_study_reaches_the_requested_complete_trials_despite_failures(study):
+    _, _, loaded = study
+    states = [t.state for t in loaded.trials]
+    assert states.count(TrialState.COMPLETE) == N_TRIALS
+    failed = [t for t in loaded.trials if t.state == TrialState.FAIL]
+    assert failed, "seed 10 draws student.layers [0, 9] at least once"
+    assert all(json.loads(t.params["student.layers"]) == [0, 9] for t in failed)
+    assert all("student.layers" in t.user_attrs["error"] for t in failed)
+
+
+def test_constraint_violating_trials_never_on_the_front(study):
+    _, stdout, loaded = study
+    infeasible = {
+        t.number
+        for t in loaded.trials
+        if t.state == TrialState.COMPLETE and t.constraints["sparsity >= 0.6"] > 0
+    }
+    assert infeasible, "seed 10 draws a sparsity below 0.6 at least once"
+    assert not infeasible & front_numbers(stdout)
+    assert all(t.user_attrs["sparsity"] < 0.6 for t in loaded.trials if t.number in infeasible)
+
+
+def test_trials_carry_their_measurements_for_the_dashboard(study):
+    _, _, loaded = study
+    for trial in loaded.get_trials(states=(TrialState.COMPLETE,)):
+        attrs = trial.user_attrs
+        assert attrs["throughput"] == trial.values[1] > 0
+        assert attrs["latency_p90_ms"] > 0 and attrs["model_mb"] > 0 and 0 <= attrs["sparsity"] < 1
+        assert Path(attrs["artifact"], "manifest.json").is_file()
+        assert Path(attrs["output_dir"], "result.json").is_file()
+
+
+def test_mlflow_parent_run_with_one_child_per_trial(study):
+    workdir, _, loaded = study
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("fastcpu").experiment_id
+    parents = client.search_runs([experiment], "tags.`fastcpu.role` = 'study'")
+    assert [p.info.run_id for p in parents] == [loaded.user_attrs["mlflow_parent_run_id"]]
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_complete"] == N_TRIALS
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {
+        "pareto.csv",
+        "pareto.png",
+        "pareto.html",
+    }
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == len(loaded.trials)
+    by_id = {c.info.run_id: c for c in children}
+    for trial in loaded.trials:
+        if trial.state == TrialState.COMPLETE:
+            child = by_id[trial.user_attrs["mlflow_run_id"]]
+            assert child.info.status == "FINISHED" and child.data.metrics["f1"] == trial.values[0]
+            assert child.data.tags["fastcpu.trial"] == str(trial.number)
+            assert child.data.tags["fastcpu.study"] == "tiny"
+    failed = [c for c in children if c.info.status == "FAILED"]
+    assert len(failed) == sum(t.state == TrialState.FAIL for t in loaded.trials)
+    assert all("student.layers" in c.data.tags["error"] for c in failed)
+
+
+def test_pareto_plot_files(study):
+    workdir, _, loaded = study
+    out = workdir / "out"
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (out / "pareto.html").read_text()
+    assert "Pareto front" in html and "teacher (reference)" in html and "uncompressed (reference)" in html
+    rows = (out / "pareto.csv").read_text().splitlines()
+    assert len(rows) == 1 + N_TRIALS
+
+
+def test_pareto_command_reprints_a_stored_study(study):
+    workdir, stdout, _ = study
+    command = [
+        sys.executable,
+        "-m",
+        "fastcpu.pareto",
+        "--study",
+        "tiny",
+        "--storage",
+        storage(workdir),
+        "--out",
+        str(workdir / "again"),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert front_numbers(done.stdout) == front_numbers(stdout)
+    assert "best trial:" in done.stdout and (workdir / "again" / "pareto.png").exists()
+    missing = subprocess.run(
+        [*command[:4], "nope", *command[5:]], capture_output=True, text=True, timeout=120
+    )
+    assert missing.returncode == 2 and "no study 'nope'" in missing.stderr and "tiny" in missing.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def get_json(url: str, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.loads(response.read())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_optuna_dashboard_serves_the_study(study):
+    workdir, _, loaded = study
+    port = free_port()
+    dashboard = Path(sys.executable).with_name("optuna-dashboard")
+    server = subprocess.Popen(
+        [str(dashboard), storage(workdir), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        studies = get_json(f"http://127.0.0.1:{port}/api/studies")["study_summaries"]
+        served = next(s for s in studies if s["study_name"] == "tiny")
+        detail = get_json(f"http://127.0.0.1:{port}/api/studies/{served['study_id']}?after=0")
+        assert len(detail["trials"]) == len(loaded.trials)
+        assert detail["objective_names"] == ["f1", "throughput"]
+        attrs = {a["key"] for t in detail["trials"] for a in t["user_attrs"]}
+        assert {"throughput", "latency_p90_ms", "model_mb", "sparsity", "mlflow_run_id"} <= attrs
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_interrupted_study_resumes_and_keeps_completed_trials(study):
+    workdir, _, _ = study  # reuses the fixture's cached teacher
+    # 40 training steps: each trial runs long enough to be interrupted mid-way
+    command = study_command(
+        workdir, "resumed", 3, "first", "search.references=false", "training.max_steps=40"
+    )
+    first = subprocess.Popen(
+        command,
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a shell's background jobs inherit SIGINT as ignored; Ctrl-C in a terminal is not
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 600
+    while first.poll() is None and time.monotonic() < deadline:
+        try:
+            trials = optuna.load_study(study_name="resumed", storage=storage(workdir)).trials
+        except KeyError:
+            trials = []
+        if any(t.state == TrialState.COMPLETE for t in trials) and trials[-1].state == TrialState.RUNNING:
+            break
+        time.sleep(0.1)
+    assert first.poll() is None, "the study ended before it could be interrupted"
+    first.send_signal(signal.SIGINT)
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode != 0 and "the same command resumes the study" in stderr, stderr[-3000:]
+    interrupted = optuna.load_study(study_name="resumed", storage=storage(workdir)).trials
+    kept = {t.number: t.values for t in interrupted if t.state == TrialState.COMPLETE}
+    assert kept and not any(t.state == TrialState.RUNNING for t in interrupted)
+
+    done = subprocess.run(
+        command[:-1] + [f"hydra.run.dir={workdir / 'second'}"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=os.environ,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    final = optuna.load_study(study_name="resumed", storage=storage(workdir)).trials
+    complete = {t.number: t.values for t in final if t.state == TrialState.COMPLETE}
+    assert len(complete) == 3 and all(complete[n] == v for n, v in kept.items())
