@@ -168,6 +168,7 @@ class Study:
         self.compose = compose
         self.sweep = load_sweep(self.config.sweep)
         self.teachers = Teachers()
+        self.interrupted = False  # set by Ctrl-C
 
     def check(self) -> None:
         """Every error a sweep can make, found before any trial runs."""
@@ -186,7 +187,8 @@ class Study:
             _redacted(storage_url(self.config)),
             _count(study, TrialState.COMPLETE),
         )
-        if created and self.config.references:
+        alone = created or not _count(study, TrialState.RUNNING)  # a fresh study, or one being resumed
+        if self.config.references and alone and REFERENCE_ATTR not in study.user_attrs:
             references = measure_uncompressed(
                 self.compose(self.overrides),
                 self.output_dir / "reference",
@@ -216,7 +218,6 @@ class Study:
         """Ctrl-C raises KeyboardInterrupt (Optuna marks the running trial failed) and is remembered:
         an interrupt that lands where Python drops exceptions (a garbage-collector callback) still stops
         the study once the running trial is done."""
-        self.interrupted = False
 
         def on_interrupt(signum: int, frame: Any) -> None:
             self.interrupted = True
