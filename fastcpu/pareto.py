@@ -236,8 +236,19 @@ class PlotData:
         xs, ys = self.front_line()
         if xs:
             ax.plot(xs, ys, "-o", c="tab:blue", label="Pareto front", zorder=3)
-        for (label, (x, y)), marker in zip(self.references.items(), ("*", "D", "s"), strict=False):
-            ax.scatter([x], [y], marker=marker, s=120, c="k", label=f"{label} (reference)", zorder=4)
+        # the references often coincide (the same fp32 model on two backends): hollow markers stay visible
+        for (label, (x, y)), (marker, size) in zip(
+            self.references.items(), (("*", 260), ("D", 90)), strict=False
+        ):
+            ax.scatter(
+                [x],
+                [y],
+                marker=marker,
+                s=size,
+                facecolors="none",
+                edgecolors="k",
+                label=f"{label} (reference)",
+            )
         ax.set_xlabel(self.x_name)
         ax.set_ylabel(self.y_name)
         ax.set_title(self.title)
