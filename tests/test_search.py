@@ -283,3 +283,35 @@ def test_interrupted_study_resumes_and_keeps_completed_trials(study):
     final = optuna.load_study(study_name="resumed", storage=storage(workdir)).trials
     complete = {t.number: t.values for t in final if t.state == TrialState.COMPLETE}
     assert len(complete) == 3 and all(complete[n] == v for n, v in kept.items())
+
+
+def test_killed_worker_trial_is_failed_by_heartbeat_and_study_goes_on(study):
+    workdir, _, _ = study
+    heartbeat = ["search.references=false", "search.heartbeat_interval=1", "search.grace_period=3"]
+    command = study_command(workdir, "killed", 2, "killed", *heartbeat, "training.max_steps=40")
+    worker = subprocess.Popen(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while worker.poll() is None and time.monotonic() < deadline:
+        try:
+            trials = optuna.load_study(study_name="killed", storage=storage(workdir)).trials
+        except KeyError:
+            trials = []
+        if trials and trials[-1].state == TrialState.RUNNING:
+            break
+        time.sleep(0.1)
+    worker.kill()  # no chance to clean up: its running trial stays RUNNING in the storage
+    worker.wait()
+    (orphan,) = [t for t in optuna.load_study(study_name="killed", storage=storage(workdir)).trials]
+    assert orphan.state == TrialState.RUNNING
+
+    done = subprocess.run(
+        command[:-1] + [f"hydra.run.dir={workdir / 'after_kill'}"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    trials = optuna.load_study(study_name="killed", storage=storage(workdir)).trials
+    assert trials[orphan.number].state == TrialState.FAIL
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2

@@ -198,3 +198,25 @@ def test_existing_study_with_other_objectives_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="already exists with objectives"):
         open_study(SearchConfig(storage=storage, study_name="s"), load_sweep("squad"))
+
+
+@pytest.mark.parametrize(
+    ("sampler", "kind"), [("tpe", optuna.samplers.TPESampler), ("nsga2", optuna.samplers.NSGAIISampler)]
+)
+def test_sampler_is_selectable_and_seeded(sampler, kind):
+    from fastcpu.search import make_sampler
+
+    config = build(
+        SearchConfig, compose_config(["+experiment=squad", f"search.sampler={sampler}"]).search, "search"
+    )
+    proposals = []
+    for _ in range(2):
+        study = optuna.create_study(sampler=make_sampler(config), directions=["maximize", "maximize"])
+        study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)), n_trials=3)
+        proposals.append([t.params for t in study.trials])
+    assert isinstance(make_sampler(config), kind) and proposals[0] == proposals[1]
+
+
+def test_unknown_sampler_is_refused():
+    with pytest.raises(ConfigError, match="search.sampler='cmaes' is unknown; allowed: tpe, nsga2"):
+        build(SearchConfig, {"sampler": "cmaes"}, "search")
