@@ -48,7 +48,9 @@ SAMPLERS = ("tpe", "nsga2")
 class SearchConfig:
     sweep: str = "squad"  # sweeps/NAME.yaml, or a path to a sweep file
     study_name: str = "default"  # the study in the storage; the same name resumes it
-    n_trials: int = 4  # complete trials the study aims for; a worker also stops after this many failures
+    n_trials: int = (
+        4  # complete trials the study aims for; a worker also stops after this many failures in a row
+    )
     timeout: float | None = None  # seconds: no new trial starts after this; null: no limit
     sampler: str = "tpe"  # tpe (Optuna's multi-objective default) | nsga2
     seed: int | None = 0  # sampler seed; null: a different search each run
@@ -245,7 +247,7 @@ class Study:
     def _optimize(self, study: optuna.Study, parent: str | None) -> None:
         """Run trials until the study holds n_trials complete ones (other workers' running trials
         count as pending, so workers do not overshoot), the timeout passes, or n_trials of this
-        worker's own trials have failed (a broken setting must not loop forever)."""
+        worker's trials in a row have failed (a broken setup must not loop forever)."""
         failed = 0
         deadline = time.monotonic() + self.config.timeout if self.config.timeout else None
         while failed < self.config.n_trials and (deadline is None or time.monotonic() < deadline):
@@ -261,7 +263,7 @@ class Study:
                 catch=(Exception,),
                 callbacks=[lambda _, trial, states=states: states.append(trial.state)],
             )
-            failed += states == [TrialState.FAIL]
+            failed = failed + 1 if states == [TrialState.FAIL] else 0
 
     def _trial(self, trial: optuna.Trial, parent: str | None) -> list[float]:
         suggested = self.sweep.suggest(trial)

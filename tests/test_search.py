@@ -41,13 +41,15 @@ constraints:
 TINY_STUDY = [o for o in TINY_TRIAL if o not in ("~search", "quantization.calibration_samples=8")]
 
 
-def study_command(workdir: Path, name: str, n_trials: int, out: str, *extra: str) -> list[str]:
+def study_command(
+    workdir: Path, name: str, n_trials: int, out: str, *extra: str, sweep: str = "sweep.yaml"
+) -> list[str]:
     return [
         sys.executable,
         "-m",
         "fastcpu",
         *TINY_STUDY,
-        f"search.sweep={workdir / 'sweep.yaml'}",
+        f"search.sweep={workdir / sweep}",
         f"search.storage={storage(workdir)}",
         f"search.study_name={name}",
         f"search.n_trials={n_trials}",
@@ -68,6 +70,7 @@ def storage(workdir: Path) -> str:
 def study(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("study")
     (workdir / "sweep.yaml").write_text(SWEEP)
+    (workdir / "sweep_ok.yaml").write_text(SWEEP.replace(", [0, 9]]", "]"))  # nothing fails
     command = study_command(workdir, "tiny", N_TRIALS, "out")
     done = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -243,7 +246,13 @@ def test_interrupted_study_resumes_and_keeps_completed_trials(study):
     workdir, _, _ = study  # reuses the fixture's cached teacher
     # 40 training steps: each trial runs long enough to be interrupted mid-way
     command = study_command(
-        workdir, "resumed", 3, "first", "search.references=false", "training.max_steps=40"
+        workdir,
+        "resumed",
+        3,
+        "first",
+        "search.references=false",
+        "training.max_steps=40",
+        sweep="sweep_ok.yaml",
     )
     first = subprocess.Popen(
         command,
@@ -288,7 +297,9 @@ def test_interrupted_study_resumes_and_keeps_completed_trials(study):
 def test_killed_worker_trial_is_failed_by_heartbeat_and_study_goes_on(study):
     workdir, _, _ = study
     heartbeat = ["search.references=false", "search.heartbeat_interval=1", "search.grace_period=3"]
-    command = study_command(workdir, "killed", 2, "killed", *heartbeat, "training.max_steps=40")
+    command = study_command(
+        workdir, "killed", 2, "killed", *heartbeat, "training.max_steps=40", sweep="sweep_ok.yaml"
+    )
     worker = subprocess.Popen(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
     while worker.poll() is None and time.monotonic() < deadline:
