@@ -48,9 +48,7 @@ SAMPLERS = ("tpe", "nsga2")
 class SearchConfig:
     sweep: str = "squad"  # sweeps/NAME.yaml, or a path to a sweep file
     study_name: str = "default"  # the study in the storage; the same name resumes it
-    n_trials: int = (
-        4  # complete trials the study aims for; a worker also stops after this many failures in a row
-    )
+    n_trials: int = 4  # complete trials the study aims for; a worker gives up after as many failures in a row
     timeout: float | None = None  # seconds: no new trial starts after this; null: no limit
     sampler: str = "tpe"  # tpe (Optuna's multi-objective default) | nsga2
     seed: int | None = 0  # sampler seed; null: a different search each run
