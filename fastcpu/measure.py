@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import fastcpu_runtime as rt
+from fastcpu_runtime.backends import broken_backends
 
 from .config import ConfigError, check_range
 from .evaluation import evaluate
@@ -35,8 +36,10 @@ class RuntimeConfig:
     def validate(self, key: str) -> None:
         available = rt.available_backends()
         if self.backend not in available:
+            why = broken_backends().get(self.backend)
+            why = f" ({why})" if why else ""
             raise ConfigError(
-                f"{key}.backend={self.backend!r} is not available; available: {', '.join(available)}"
+                f"{key}.backend={self.backend!r} is not available{why}; available: {', '.join(available)}"
             )
         for name in ("batch_size", "seq_len", "threads", "rounds", "iterations"):
             check_range(f"{key}.{name}", getattr(self, name), 1)

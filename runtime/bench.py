@@ -52,17 +52,17 @@ def benchmark(
         session.run(inputs)
     throughputs, latencies = [], []
     for index in range(rounds):
-        times = _time_calls(session, inputs, iterations)
+        times = time_calls(session, inputs, iterations)
         latencies.extend(times)
         throughputs.append(session.batch_size * iterations / sum(times))
         if progress:
             print(f"round {index + 1}/{rounds}: {throughputs[-1]:.1f} samples/s", file=sys.stderr, flush=True)
-    p50, p90 = np.percentile(np.asarray(latencies) * 1000.0, [50, 90])
+    p50, p90 = latency_percentiles_ms(latencies)
     return BenchmarkResult(
         throughput=statistics.median(throughputs),
         throughput_spread=(min(throughputs), max(throughputs)),
-        latency_p50_ms=float(p50),
-        latency_p90_ms=float(p90),
+        latency_p50_ms=p50,
+        latency_p90_ms=p90,
         batch_size=session.batch_size,
         seq_len=session.seq_len,
         threads=session.threads,
@@ -71,7 +71,14 @@ def benchmark(
     )
 
 
-def _time_calls(session: Session, inputs: dict, iterations: int) -> list[float]:
+def latency_percentiles_ms(seconds: list[float]) -> tuple[float, float]:
+    """(p50, p90) in milliseconds of per-call times given in seconds."""
+    p50, p90 = np.percentile(np.asarray(seconds) * 1000.0, [50, 90])
+    return float(p50), float(p90)
+
+
+def time_calls(session: Session, inputs: dict, iterations: int) -> list[float]:
+    """Seconds per call of `iterations` back-to-back calls."""
     times = []
     for _ in range(iterations):
         start = time.perf_counter()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from conftest import tiny_bert_model
 from transformers import BertPreTrainedModel
 
@@ -81,3 +82,43 @@ def save(
         tokenizer=tokenizer,
         **kwargs,
     )
+
+
+CALIBRATION_TEXTS = [
+    "The committee approved the budget after a long debate.",
+    "Rainfall in the valley doubled compared with last spring.",
+    "She tuned the violin before the concert started.",
+    "Engineers replaced the bridge cables during the night.",
+    "The library opens at nine and closes at six.",
+    "Migrating birds rest on the lake every autumn.",
+]
+
+
+def scheme_artifacts(root: Path, model, tokenizer) -> dict[str, Path]:
+    """`model` written once per scheme (int8 for its encoder Linears), plus a static int8 artifact
+    without the calibration set that static int8 needs."""
+    calibration = encode(tokenizer, CALIBRATION_TEXTS, padding="max_length", max_length=24)
+    int8 = encoder_linears(model)
+    return {
+        "none": save(root / "fp32", model, tokenizer),
+        "bf16": save(root / "bf16", model, tokenizer, scheme="bf16"),
+        "static_int8": save(
+            root / "static", model, tokenizer, scheme="static_int8", modules=int8, calibration=calibration
+        ),
+        "dynamic_int8": save(root / "dynamic", model, tokenizer, scheme="dynamic_int8", modules=int8),
+        "static_no_calib": save(root / "nocalib", model, tokenizer, scheme="static_int8", modules=int8),
+    }
+
+
+def eager_outputs(artifact: Path, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Eager on the very weights the artifact stores (int8 dequantized, bf16 upcast)."""
+    from fastcpu_runtime import create_session
+
+    return create_session(artifact, "eager", batch_size=BATCH, seq_len=SEQ).run(inputs)
+
+
+def logits_cosine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], mask: torch.Tensor) -> float:
+    """Cosine similarity of all logits at real (unmasked) positions."""
+    flat_a = torch.cat([a[k][mask.bool()] for k in sorted(a)]).double()
+    flat_b = torch.cat([b[k][mask.bool()] for k in sorted(b)]).double()
+    return F.cosine_similarity(flat_a, flat_b, dim=0).item()

@@ -14,9 +14,8 @@ from runtime_helpers import (
     INPUT_NAMES,
     QA_TASK,
     SEQ,
-    encode,
-    encoder_linears,
     save,
+    scheme_artifacts,
     tiny_runtime_model,
 )
 from torch._dynamo.utils import counters
@@ -34,15 +33,6 @@ from fastcpu_runtime import (
 from fastcpu_runtime.backends.native import quantize_pt2e_model, quantized_linears
 from fastcpu_runtime.modeling import PositionalModel
 
-CALIBRATION_TEXTS = [
-    "The committee approved the budget after a long debate.",
-    "Rainfall in the valley doubled compared with last spring.",
-    "She tuned the violin before the concert started.",
-    "Engineers replaced the bridge cables during the night.",
-    "The library opens at nine and closes at six.",
-    "Migrating birds rest on the lake every autumn.",
-]
-
 
 def tiny_model(model_class, **overrides):
     # at initializer_range 0.02 the encoder barely moves the logits, so int8 error would hide
@@ -56,18 +46,7 @@ def qa_model():
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, qa_model, tokenizer) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("artifacts")
-    calibration = encode(tokenizer, CALIBRATION_TEXTS, padding="max_length", max_length=24)
-    int8 = encoder_linears(qa_model)
-    return {
-        "none": save(root / "fp32", qa_model, tokenizer),
-        "bf16": save(root / "bf16", qa_model, tokenizer, scheme="bf16"),
-        "static_int8": save(
-            root / "static", qa_model, tokenizer, scheme="static_int8", modules=int8, calibration=calibration
-        ),
-        "dynamic_int8": save(root / "dynamic", qa_model, tokenizer, scheme="dynamic_int8", modules=int8),
-        "static_no_calib": save(root / "nocalib", qa_model, tokenizer, scheme="static_int8", modules=int8),
-    }
+    return scheme_artifacts(tmp_path_factory.mktemp("artifacts"), qa_model, tokenizer)
 
 
 @pytest.fixture(scope="module")

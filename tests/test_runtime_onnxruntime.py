@@ -13,9 +13,15 @@ pytest.importorskip("onnxscript")
 
 import onnx  # noqa: E402  (after the skips: onnxscript brings onnx)
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
-from runtime_helpers import BATCH, SEQ, encoder_linears, save, tiny_runtime_model  # noqa: E402
+from runtime_helpers import (  # noqa: E402
+    BATCH,
+    SEQ,
+    eager_outputs,
+    logits_cosine,
+    scheme_artifacts,
+    tiny_runtime_model,
+)
 from transformers import BertForQuestionAnswering  # noqa: E402
 
 from fastcpu_runtime import Session, available_backends, create_session, load_artifact  # noqa: E402
@@ -36,26 +42,7 @@ def qa_model():
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, qa_model, tokenizer) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("artifacts")
-    int8 = encoder_linears(qa_model)
-    return {
-        "none": save(root / "fp32", qa_model, tokenizer),
-        "bf16": save(root / "bf16", qa_model, tokenizer, scheme="bf16"),
-        "dynamic_int8": save(root / "dynamic", qa_model, tokenizer, scheme="dynamic_int8", modules=int8),
-        "static_int8": save(root / "static", qa_model, tokenizer, scheme="static_int8", modules=int8),
-    }
-
-
-def eager_outputs(artifact: Path, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Eager on the very weights the artifact stores (int8 dequantized, bf16 upcast)."""
-    return create_session(artifact, "eager", batch_size=BATCH, seq_len=SEQ).run(inputs)
-
-
-def cosine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], mask: torch.Tensor) -> float:
-    """Cosine similarity of all logits at real (unmasked) positions."""
-    flat_a = torch.cat([a[k][mask.bool()] for k in sorted(a)]).double()
-    flat_b = torch.cat([b[k][mask.bool()] for k in sorted(b)]).double()
-    return F.cosine_similarity(flat_a, flat_b, dim=0).item()
+    return scheme_artifacts(tmp_path_factory.mktemp("artifacts"), qa_model, tokenizer)
 
 
 def assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -83,7 +70,7 @@ def test_dynamic_int8_is_close_to_eager(artifacts, qa_inputs):
     session = create_session(artifacts["dynamic_int8"], "onnxruntime", batch_size=BATCH, seq_len=SEQ)
     assert "dynamic int8 (per-channel)" in session.description
     got, reference = session.run(qa_inputs), eager_outputs(artifacts["dynamic_int8"], qa_inputs)
-    similarity = cosine(got, reference, qa_inputs["attention_mask"])
+    similarity = logits_cosine(got, reference, qa_inputs["attention_mask"])
     print(f"onnxruntime dynamic int8: cosine vs eager {similarity:.6f}")
     assert similarity >= 0.99
     assert not torch.equal(got["start_logits"], reference["start_logits"]), "int8 did not run"

@@ -7,6 +7,7 @@ from .registry import (
     BackendSpec,
     Runner,
     available_backends,
+    broken_backends,
     get_backend,
     mark_broken,
     register_backend,
@@ -15,7 +16,7 @@ from .registry import (
 
 # Each backend module registers itself on import. Imports are defensive: a backend whose module cannot
 # import (missing extension, failed C++ build) is reported as broken instead of breaking the others.
-_BUILTIN = ("eager", "native", "sparse", "onnxruntime")
+_BUILTIN = ("eager", "native", "sparse", "onnxruntime", "ipex")
 
 
 def _load_builtin() -> None:
@@ -33,6 +34,7 @@ __all__ = [
     "BackendSpec",
     "Runner",
     "available_backends",
+    "broken_backends",
     "get_backend",
     "mark_broken",
     "register_backend",

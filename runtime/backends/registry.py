@@ -70,6 +70,11 @@ def available_backends() -> list[str]:
     return sorted(name for name, spec in _REGISTRY.items() if _usable(spec))
 
 
+def broken_backends() -> dict[str, str]:
+    """Backends whose module could not load, with why (e.g. an install hint): config validation shows it."""
+    return dict(_BROKEN)
+
+
 def registered_backends() -> list[str]:
     return sorted(_REGISTRY)
 

@@ -1,0 +1,437 @@
+"""Benchmark runtime backends on an artifact, with the seed paper's multi-instance protocol.
+
+    python -m fastcpu_runtime.compare --shape distilbert-base --sparsity 0.8 0.9 --pattern 4x1 \\
+        --scheme static_int8 --batch 1 8 --seq 128 --instances-threads 1x2
+
+Each layout NxT runs N processes of T threads, pinned to disjoint cores (os.sched_setaffinity), calling
+their own copy of the same session at the same time: throughput is the sum over instances, latency p50/p90
+is over every call of every instance. Rounds alternate between the (backend, batch) sessions so that all
+of them share the machine's background load; throughput is the median over rounds, with its min/max.
+
+The roofline column divides the model's int8 work by the int8 GEMM peak (torch._int_mm on a large square
+GEMM, at the layout's total thread count). The work is the DENSE count, 2 x sum(in x out) x seq_len per
+sample over the quantized Linears, so a sparse backend, which skips the pruned blocks, can exceed 100%:
+its fraction is an effective rate. Attention, softmax, LayerNorm and quantization are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .artifact import Artifact, load_artifact
+from .backends import available_backends, get_backend
+from .bench import latency_percentiles_ms, time_calls
+from .errors import ArtifactError, BackendError
+from .inputs import synthetic_batch
+from .session import create_session
+from .synthetic import PATTERNS, SCHEMES, SHAPES, minilm_tokenizer, synthetic_model, write_synthetic_artifact
+
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+_PEAK_SIZE = 2048  # square GEMM for the peaks: large enough to be compute-bound on any CPU
+_PEAK_CALLS = 5
+_PACKAGES = {  # record key: distribution (fastcpu_runtime ships inside the fastcpu distribution)
+    "torch": "torch",
+    "onnxruntime": "onnxruntime",
+    "fastcpu_runtime": "fastcpu",
+    "ipex": "intel_extension_for_pytorch",
+}
+
+Key = tuple[str, int]  # (backend, batch_size)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """N instances of T threads each."""
+
+    instances: int
+    threads: int
+
+    def __str__(self) -> str:
+        return f"{self.instances}x{self.threads}"
+
+
+def parse_layout(text: str) -> Layout:
+    try:
+        instances, threads = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NxT (instances x threads), got {text!r}") from None
+    if instances < 1 or threads < 1:
+        raise argparse.ArgumentTypeError(f"instances and threads must be >= 1, got {text!r}")
+    return Layout(instances, threads)
+
+
+# ------------------------------------------------------------------------------------------ system
+
+
+def system_info() -> dict[str, Any]:
+    """What the numbers depend on: CPU, the ISA extensions the kernels use, core count and versions."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first processor's entry
+    flags = set(fields.get("flags", "").split())
+    return {
+        "cpu": fields.get("model name") or platform.processor(),
+        "isa": [flag for flag in _ISA_FLAGS if flag in flags],
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        **{key: _version(distribution) for key, distribution in _PACKAGES.items()},
+    }
+
+
+def format_system(system: dict[str, Any]) -> str:
+    shown = {k: " ".join(v) if isinstance(v, list) else v for k, v in system.items() if v is not None}
+    return "system: " + ", ".join(f"{key} {value}" for key, value in shown.items())
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def gemm_peaks(threads: int) -> dict[str, float]:
+    """GOP/s of fp32 and bf16 torch.mm and int8 torch._int_mm on one large square GEMM."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(_PEAK_SIZE, _PEAK_SIZE), torch.randn(_PEAK_SIZE, _PEAK_SIZE)
+        a8, b8 = (torch.randint(-127, 128, a.shape, dtype=torch.int8) for _ in range(2))
+        return {
+            "fp32": _gops(lambda: torch.mm(a, b)),
+            "bf16": _gops(lambda: torch.mm(a.bfloat16(), b.bfloat16())),
+            "int8": _gops(lambda: torch._int_mm(a8, b8)),
+        }
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _gops(fn) -> float:
+    fn()
+    times = []
+    for _ in range(_PEAK_CALLS):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 2 * _PEAK_SIZE**3 / statistics.median(times) / 1e9
+
+
+def int8_ops_per_sample(artifact: Artifact, seq_len: int) -> int:
+    """Dense multiply-add work of the quantized Linears for one sample: 2 x in x out per token."""
+    state = artifact.state_dict()
+    return sum(2 * state[f"{name}.weight"].numel() * seq_len for name in artifact.quantized_modules)
+
+
+# --------------------------------------------------------------------------------------- instances
+
+
+def _instance_main(
+    conn: Connection,
+    barrier: Any,
+    artifact_path: str,
+    cores: list[int],
+    threads: int,
+    keys: list[Key],
+    seq: int,
+    warmup: int,
+) -> None:
+    """One pinned process: build every session once, then time them on the parent's command.
+
+    Sends {key: description or "skip: reason"} once, then one list of call times per command."""
+    os.sched_setaffinity(0, cores)
+    artifact = load_artifact(artifact_path)
+    sessions, described = {}, {}
+    for backend, batch in keys:
+        try:
+            session = create_session(artifact, backend, batch_size=batch, seq_len=seq, threads=threads)
+        except Exception as err:  # a backend that cannot run this artifact is reported, not fatal
+            described[(backend, batch)] = f"skip: {type(err).__name__}: {err}"
+            continue
+        inputs = synthetic_batch(artifact.input_names, batch, seq, artifact.vocab_size)
+        time_calls(session, inputs, warmup)
+        sessions[(backend, batch)] = (session, inputs)
+        described[(backend, batch)] = session.description
+    conn.send(described)
+    while (command := conn.recv()) is not None:
+        key, iterations = command
+        barrier.wait()
+        conn.send(time_calls(*sessions[key], iterations))
+
+
+@contextlib.contextmanager
+def _start_instances(
+    artifact: Artifact, layout: Layout, keys: list[Key], seq: int, warmup: int
+) -> Iterator[list[Connection]]:
+    """Start the layout's pinned processes (spawned: forking a process that already ran torch is unsafe)."""
+    cores = sorted(os.sched_getaffinity(0))
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(layout.instances)
+    pipes, processes = [], []
+    for index in range(layout.instances):
+        parent, child = context.Pipe()
+        own = cores[index * layout.threads : (index + 1) * layout.threads]
+        args = (child, barrier, str(artifact.path), own, layout.threads, keys, seq, warmup)
+        processes.append(context.Process(target=_instance_main, args=args, daemon=True))
+        processes[-1].start()
+        child.close()  # only the instance holds its end, so its death reaches recv() as EOFError
+        pipes.append(parent)
+    try:
+        yield pipes
+    finally:
+        for pipe in pipes:
+            with contextlib.suppress(OSError):
+                pipe.send(None)
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.terminate()
+
+
+def _receive(pipe: Connection, what: str) -> Any:
+    try:
+        return pipe.recv()
+    except EOFError:
+        raise RuntimeError(f"a benchmark instance died ({what}); see its traceback above") from None
+
+
+def run_layout(artifact: Artifact, layout: Layout, keys: list[Key], args: argparse.Namespace) -> list[dict]:
+    """Time every (backend, batch) session under one NxT layout; one record per session that runs."""
+    with _start_instances(artifact, layout, keys, args.seq, args.warmup) as pipes:
+        described = [_receive(pipe, f"layout {layout}, while creating sessions") for pipe in pipes]
+        runnable = [key for key in keys if all(not d[key].startswith("skip:") for d in described)]
+        for key in keys:
+            if key not in runnable:
+                reason = next(d[key] for d in described if d[key].startswith("skip:"))
+                print(f"{key[0]} batch {key[1]} {layout}: {reason}", file=sys.stderr)
+        rounds: dict[Key, list[list[list[float]]]] = {key: [] for key in runnable}
+        for index in range(args.rounds):
+            for key in runnable:
+                for pipe in pipes:
+                    pipe.send((key, args.iterations))
+                rounds[key].append([_receive(pipe, f"{key[0]} batch {key[1]}") for pipe in pipes])
+            print(f"layout {layout}: round {index + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    return [_record(key, layout, rounds[key], described[0][key], args.seq) for key in runnable]
+
+
+def _record(key: Key, layout: Layout, rounds: list[list[list[float]]], description: str, seq: int) -> dict:
+    """rounds[r][i] = call times of instance i in round r."""
+    backend, batch = key
+    throughputs = [sum(batch * len(times) / sum(times) for times in instances) for instances in rounds]
+    p50, p90 = latency_percentiles_ms([t for instances in rounds for times in instances for t in times])
+    return {
+        "backend": backend,
+        "batch_size": batch,
+        "seq_len": seq,
+        "instances": layout.instances,
+        "threads": layout.threads,
+        "throughput": statistics.median(throughputs),
+        "throughput_spread": [min(throughputs), max(throughputs)],
+        "latency_p50_ms": p50,
+        "latency_p90_ms": p90,
+        "description": description,
+    }
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def benchmark_artifact(artifact: Artifact, backends: list[str], args: argparse.Namespace) -> list[dict]:
+    """All layouts on one artifact; records carry the artifact's scheme and sparsity, and the dense int8
+    work per sample for the results that ran int8 kernels (None otherwise)."""
+    sparsity = artifact.manifest.get("sparsity", {})
+    keys = [(backend, batch) for backend in _runnable(backends, artifact) for batch in args.batch]
+    ops = int8_ops_per_sample(artifact, args.seq) if artifact.quantized_modules else None
+    records = []
+    for layout in args.instances_threads if keys else []:
+        for record in run_layout(artifact, layout, keys, args):
+            record.update(
+                scheme=artifact.scheme,
+                sparsity=sparsity.get("target", sparsity.get("overall", 0.0)),
+                pattern=sparsity.get("pattern", "none"),
+                int8_ops_per_sample=ops if _runs_int8(record["description"]) else None,
+            )
+            records.append(record)
+    return records
+
+
+def _runs_int8(description: str) -> bool:
+    """Backends describe their precision before the parenthesis: "native static int8 (...)", but
+    "onnxruntime 1.31 fp32 (int8 weights dequantized)"."""
+    return " int8" in description.split("(")[0]
+
+
+def add_roofline(records: list[dict]) -> None:
+    """Measure the GEMM peaks (once per total thread count, after the sessions are gone, so nothing
+    competes), store them in each record and set each int8 record's fraction of the int8 peak."""
+    totals = {r["instances"] * r["threads"] for r in records if r["int8_ops_per_sample"]}
+    peaks = {total: gemm_peaks(total) for total in sorted(totals)}
+    for total, peak in peaks.items():
+        print(f"GEMM peaks at {total} threads (GOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))
+    for r in records:
+        ops, peak = r["int8_ops_per_sample"], peaks.get(r["instances"] * r["threads"])
+        r["int8_peak_fraction"] = r["throughput"] * ops / (peak["int8"] * 1e9) if ops else None
+        r["gemm_peaks_gops"] = peak
+
+
+def _runnable(backends: list[str], artifact: Artifact) -> list[str]:
+    """Drop the sparse backend on artifacts not pruned in 4x1 blocks: it would run, but every block."""
+    pattern = artifact.manifest.get("sparsity", {}).get("pattern", "none")
+    if "sparse" in backends and pattern != "4x1":
+        print(f"sparse: skip: artifact pattern is {pattern!r}, the kernel needs 4x1 blocks", file=sys.stderr)
+        return [backend for backend in backends if backend != "sparse"]
+    return backends
+
+
+def budget_choices(records: list[dict], budget_ms: float) -> dict[str, dict | None]:
+    """Per backend, the highest-throughput record whose p90 latency fits the budget (None if none does)."""
+    choices: dict[str, dict | None] = {}
+    for record in records:
+        best = choices.get(record["backend"])
+        fits = record["latency_p90_ms"] <= budget_ms
+        if fits and (best is None or record["throughput"] > best["throughput"]):
+            choices[record["backend"]] = record
+        else:
+            choices.setdefault(record["backend"], None)
+    return choices
+
+
+def format_table(records: list[dict]) -> str:
+    columns = ("scheme", "sparsity", "pattern", "backend", "batch", "NxT", "samples/s (min–max)", "p50 ms")
+    columns += ("p90 ms", "int8 peak")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in records:
+        low, high = r["throughput_spread"]
+        fraction = "" if r["int8_peak_fraction"] is None else f"{r['int8_peak_fraction']:.0%}"
+        lines.append(
+            f"| {r['scheme']} | {r['sparsity']:.0%} | {r['pattern']} | {r['backend']} | {r['batch_size']} |"
+            f" {r['instances']}x{r['threads']} | {r['throughput']:.1f} ({low:.1f}–{high:.1f}) |"
+            f" {r['latency_p50_ms']:.1f} | {r['latency_p90_ms']:.1f} | {fraction} |"
+        )
+    return "\n".join(lines)
+
+
+def format_budget(choices: dict[str, dict | None], budget_ms: float) -> str:
+    lines = [f"best throughput with p90 <= {budget_ms:g} ms:"]
+    for backend, r in sorted(choices.items()):
+        if r is None:
+            lines.append(f"  {backend}: none fits")
+        else:
+            lines.append(
+                f"  {backend}: {r['throughput']:.1f} samples/s at batch {r['batch_size']},"
+                f" {r['instances']}x{r['threads']}, sparsity {r['sparsity']:.0%}"
+                f" (p90 {r['latency_p90_ms']:.1f} ms)"
+            )
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastcpu_runtime.compare",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--artifact", type=Path, help="an exported artifact directory")
+    source.add_argument("--shape", choices=sorted(SHAPES), help="a synthetic BERT-for-QA of this shape")
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.0], help="synthetic only")
+    parser.add_argument("--pattern", choices=PATTERNS, default="4x1", help="synthetic only")
+    parser.add_argument("--scheme", choices=SCHEMES, default="static_int8", help="synthetic only")
+    parser.add_argument("--backends", nargs="+", help="default: every available backend")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--instances-threads", type=parse_layout, nargs="+", metavar="NxT")
+    parser.add_argument("--latency-budget-ms", type=float)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--json", type=Path, help="write the records (a JSON list) here")
+    return parser
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    cores = len(os.sched_getaffinity(0))
+    args.instances_threads = args.instances_threads or [Layout(1, cores)]
+    for layout in args.instances_threads:
+        if layout.instances * layout.threads > cores:
+            parser.error(f"layout {layout} needs {layout.instances * layout.threads} cores, {cores} usable")
+    if args.rounds < 1 or args.iterations < 1 or args.warmup < 0:
+        parser.error("--rounds and --iterations must be >= 1, --warmup >= 0")
+    if not all(0.0 <= s < 1.0 for s in args.sparsity):
+        parser.error("--sparsity values must be in [0, 1)")
+    args.backends = args.backends or available_backends()
+    for backend in args.backends:
+        get_backend(backend)  # BackendError listing the available ones
+
+
+@contextlib.contextmanager
+def _artifacts(args: argparse.Namespace) -> Iterator[list[Artifact]]:
+    """The given artifact, or one synthetic artifact per sparsity in a temporary directory."""
+    if args.artifact is not None:
+        yield [load_artifact(args.artifact)]
+        return
+    model, tokenizer = synthetic_model(args.shape), minilm_tokenizer()
+    with tempfile.TemporaryDirectory(prefix="fastcpu-bench-") as directory:
+        yield [
+            load_artifact(
+                write_synthetic_artifact(
+                    Path(directory) / f"sparsity{sparsity:g}",
+                    model,
+                    tokenizer,
+                    sparsity=sparsity,
+                    pattern=args.pattern,
+                    scheme=args.scheme,
+                    seq_len=args.seq,
+                )
+            )
+            for sparsity in args.sparsity
+        ]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _check_args(parser, args)
+        system = system_info()
+        print(format_system(system))
+        with _artifacts(args) as artifacts:
+            records = [r for artifact in artifacts for r in benchmark_artifact(artifact, args.backends, args)]
+    except (ArtifactError, BackendError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    add_roofline(records)
+    for record in records:
+        record["system"] = system
+    print(format_table(records))
+    if args.latency_budget_ms is not None:
+        print(format_budget(budget_choices(records, args.latency_budget_ms), args.latency_budget_ms))
+    if args.json is not None:
+        args.json.write_text(json.dumps(records, indent=2))
+    return records
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""`python -m fastcpu_runtime.compare`: the CLI end to end on the tiny synthetic shape (one run shared by
+the tests, since every instance process imports torch and builds its sessions), plus its error paths."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fastcpu_runtime import available_backends
+from fastcpu_runtime import compare as bench_cli
+
+# The second backend: ONNX Runtime fp32 builds in seconds; native (inductor) where it is not installed.
+BACKENDS = ["eager", "onnxruntime_fp32" if "onnxruntime_fp32" in available_backends() else "native"]
+KEYS = {"backend", "scheme", "sparsity", "pattern", "batch_size", "seq_len", "instances", "threads"}
+NUMBERS = {"throughput", "latency_p50_ms", "latency_p90_ms"}
+BUDGET_MS = 1000.0
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """One CLI run: 2 backends (and sparse, which must be skipped on an fp32 artifact), batch 1 and 2,
+    layouts 1x1 and 2x1."""
+    out = tmp_path_factory.mktemp("bench") / "records.json"
+    command = [sys.executable, "-m", "fastcpu_runtime.compare", "--shape", "tiny", "--scheme", "none"]
+    command += ["--sparsity", "0.5", "--backends", *BACKENDS, "sparse", "--batch", "1", "2", "--seq", "16"]
+    command += ["--instances-threads", "1x1", "2x1", "--warmup", "1", "--rounds", "2", "--iterations", "2"]
+    command += ["--latency-budget-ms", str(BUDGET_MS), "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, json.loads(out.read_text())
+
+
+def test_records_cover_every_configuration(cli_run):
+    _, records = cli_run
+    configurations = {(r["backend"], r["batch_size"], r["instances"], r["threads"]) for r in records}
+    expected = {(b, batch, n, 1) for b in BACKENDS for batch in (1, 2) for n in (1, 2)}
+    assert configurations == expected
+    for record in records:
+        assert record.keys() >= KEYS | NUMBERS
+        assert all(record[key] > 0 for key in NUMBERS)
+        assert record["latency_p50_ms"] <= record["latency_p90_ms"]
+        low, high = record["throughput_spread"]
+        assert low <= record["throughput"] <= high
+        assert (record["scheme"], record["sparsity"], record["pattern"]) == ("none", 0.5, "4x1")
+        assert record["int8_peak_fraction"] is None  # fp32 artifact: no int8 roofline
+        assert record["system"]["logical_cores"] >= 1
+
+
+def test_output_has_system_table_skip_reason_and_budget_choice(cli_run):
+    result, records = cli_run
+    assert result.stdout.startswith("system: ")
+    assert "sparse batch 1 1x1: skip: BackendError: backend sparse needs an int8 artifact" in result.stderr
+    fitting = [r for r in records if r["latency_p90_ms"] <= BUDGET_MS]
+    for backend in BACKENDS:
+        best = max((r for r in fitting if r["backend"] == backend), key=lambda r: r["throughput"])
+        choice = f"  {backend}: {best['throughput']:.1f} samples/s at batch {best['batch_size']}"
+        assert choice in result.stdout
+
+
+def test_budget_picks_the_fastest_record_that_fits_or_none():
+    shape = {"batch_size": 1, "instances": 1, "threads": 2, "sparsity": 0.8}
+    records = [
+        {"backend": "a", "throughput": 10.0, "latency_p90_ms": 5.0, **shape},
+        {"backend": "a", "throughput": 30.0, "latency_p90_ms": 20.0, **shape},
+        {"backend": "a", "throughput": 20.0, "latency_p90_ms": 8.0, **shape},
+        {"backend": "b", "throughput": 50.0, "latency_p90_ms": 50.0, **shape},
+    ]
+    choices = bench_cli.budget_choices(records, 10.0)
+    assert choices == {"a": records[2], "b": None}
+    text = bench_cli.format_budget(choices, 10.0)
+    assert "  a: 20.0 samples/s at batch 1, 1x2" in text and "  b: none fits" in text
+    assert bench_cli.budget_choices(records, 0.1) == {"a": None, "b": None}
+
+
+def test_roofline_uses_dense_int8_work_over_the_int8_peak(monkeypatch):
+    monkeypatch.setattr(bench_cli, "gemm_peaks", lambda threads: {"fp32": 1.0, "bf16": 2.0, "int8": 4.0})
+    int8 = {"instances": 2, "threads": 1, "throughput": 100.0, "int8_ops_per_sample": 2e7}
+    fp32 = {"instances": 1, "threads": 2, "throughput": 100.0, "int8_ops_per_sample": None}
+    bench_cli.add_roofline([int8, fp32])
+    assert int8["int8_peak_fraction"] == pytest.approx(0.5)  # 100/s x 2e7 ops / 4 GOP/s
+    assert fp32["int8_peak_fraction"] is None
+
+
+def test_missing_artifact_is_one_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_cli.main(["--artifact", str(tmp_path / "missing"), "--backends", "eager"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "does not exist" in err and "Traceback" not in err
+
+
+def test_unknown_backend_lists_the_available_ones(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_cli.main(["--artifact", str(tmp_path), "--backends", "eager", "warp-drive"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown backend 'warp-drive'" in err
+    assert f"available backends: {', '.join(available_backends())}" in err
+
+
+@pytest.mark.parametrize("text", ["2", "0x1", "ax2", "1x2x3"])
+def test_bad_layout_is_refused(text):
+    with pytest.raises(SystemExit):
+        bench_cli.build_parser().parse_args(["--shape", "tiny", "--instances-threads", text])
