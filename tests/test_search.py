@@ -242,6 +242,23 @@ def test_optuna_dashboard_serves_the_study(study):
         server.wait(timeout=30)
 
 
+def wait_for_running_trial(
+    process: subprocess.Popen, workdir: Path, name: str, *, after_a_complete_one: bool
+) -> None:
+    """Poll the study until its newest trial is running (and, if asked, an earlier one is complete),
+    the process has ended, or 10 minutes have passed."""
+    deadline = time.monotonic() + 600
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            trials = optuna.load_study(study_name=name, storage=storage(workdir)).trials
+        except KeyError:
+            trials = []
+        complete = any(t.state == TrialState.COMPLETE for t in trials) or not after_a_complete_one
+        if trials and complete and trials[-1].state == TrialState.RUNNING:
+            return
+        time.sleep(0.1)
+
+
 def test_interrupted_study_resumes_and_keeps_completed_trials(study):
     workdir, _, _ = study  # reuses the fixture's cached teacher
     # 40 training steps: each trial runs long enough to be interrupted mid-way
@@ -263,15 +280,7 @@ def test_interrupted_study_resumes_and_keeps_completed_trials(study):
         # a shell's background jobs inherit SIGINT as ignored; Ctrl-C in a terminal is not
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    deadline = time.monotonic() + 600
-    while first.poll() is None and time.monotonic() < deadline:
-        try:
-            trials = optuna.load_study(study_name="resumed", storage=storage(workdir)).trials
-        except KeyError:
-            trials = []
-        if any(t.state == TrialState.COMPLETE for t in trials) and trials[-1].state == TrialState.RUNNING:
-            break
-        time.sleep(0.1)
+    wait_for_running_trial(first, workdir, "resumed", after_a_complete_one=True)
     assert first.poll() is None, "the study ended before it could be interrupted"
     first.send_signal(signal.SIGINT)
     _, stderr = first.communicate(timeout=300)
@@ -301,15 +310,7 @@ def test_killed_worker_trial_is_failed_by_heartbeat_and_study_goes_on(study):
         workdir, "killed", 2, "killed", *heartbeat, "training.max_steps=40", sweep="sweep_ok.yaml"
     )
     worker = subprocess.Popen(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600
-    while worker.poll() is None and time.monotonic() < deadline:
-        try:
-            trials = optuna.load_study(study_name="killed", storage=storage(workdir)).trials
-        except KeyError:
-            trials = []
-        if trials and trials[-1].state == TrialState.RUNNING:
-            break
-        time.sleep(0.1)
+    wait_for_running_trial(worker, workdir, "killed", after_a_complete_one=False)
     worker.kill()  # no chance to clean up: its running trial stays RUNNING in the storage
     worker.wait()
     (orphan,) = [t for t in optuna.load_study(study_name="killed", storage=storage(workdir)).trials]
