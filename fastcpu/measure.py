@@ -23,9 +23,7 @@ MEASURED = ("throughput", "latency_p50_ms", "latency_p90_ms", "model_mb", "artif
 
 @dataclass
 class RuntimeConfig:
-    backend: str = (
-        "native"  # runtime backend the student is deployed on; see fastcpu_runtime.available_backends()
-    )
+    backend: str = "auto"  # runtime backend; auto: the fastest one for the artifact (rt.pick_backend)
     batch_size: int = 8  # batch of evaluation and benchmark; the session is compiled for this fixed shape
     seq_len: int | None = None  # benchmark sequence length; null: the task's max_seq_length
     threads: int | None = None  # intra-op threads; null: PyTorch's default (all cores)
@@ -34,7 +32,7 @@ class RuntimeConfig:
     iterations: int = 10  # timed calls per round
 
     def validate(self, key: str) -> None:
-        available = rt.available_backends()
+        available = [rt.AUTO, *rt.available_backends()]
         if self.backend not in available:
             why = broken_backends().get(self.backend)
             why = f" ({why})" if why else ""
@@ -60,7 +58,7 @@ def measure_artifact(
         artifact, config.backend, batch_size=config.batch_size, seq_len=eval_len, threads=config.threads
     )
     metrics, predictions = evaluate(
-        session.run, task, features, config.batch_size, f"evaluation ({config.backend})"
+        session.run, task, features, config.batch_size, f"evaluation ({session.backend})"
     )
     if config.seq_len not in (None, eval_len):
         session = rt.create_session(

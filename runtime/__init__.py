@@ -5,6 +5,7 @@ training stack (datasets, optuna, mlflow, hydra), so it can ship alone.
 """
 
 from .artifact import Artifact, load_artifact, write_artifact
+from .auto import AUTO, pick_backend
 from .backends import available_backends, register_backend
 from .bench import BenchmarkResult, benchmark
 from .errors import ArtifactError, BackendError
@@ -12,6 +13,7 @@ from .quant import dequantize_per_channel, quantize_per_channel
 from .session import Session, create_session
 
 __all__ = [
+    "AUTO",
     "Artifact",
     "ArtifactError",
     "BackendError",
@@ -22,6 +24,7 @@ __all__ = [
     "create_session",
     "dequantize_per_channel",
     "load_artifact",
+    "pick_backend",
     "quantize_per_channel",
     "register_backend",
     "write_artifact",

@@ -29,6 +29,8 @@ MANIFEST = "manifest.json"
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 CALIBRATION = "calibration.safetensors"
+PACKED = "packed_4x1.safetensors"  # the sparse kernel's weight format, written for block-sparse int8 models
+PACKED_FORMAT = "4x1-vnni-groups-v1"  # PackedWeight's fields (runtime/kernels/sparse.py), one set per Linear
 SCHEMES = ("none", "bf16", "dynamic_int8", "static_int8", "qat_int8")
 HEADS = ("question_answering", "sequence_classification", "token_classification")
 SCALE_SUFFIX = ".weight_scale"
@@ -97,16 +99,37 @@ class Artifact:
         """The stored tensors exactly as saved (int8 weights and their scales included)."""
         return load_file(self.path / WEIGHTS)
 
-    def build_model(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    def build_model(self, dtype: torch.dtype = torch.float32, attention: str = "sdpa") -> torch.nn.Module:
         """An eval-mode Hugging Face module with the saved (possibly compacted) shapes, int8 dequantized."""
         from .modeling import build_model
 
-        return build_model(self, dtype=dtype)
+        return build_model(self, dtype=dtype, attention=attention)
 
     def tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.path)
+
+    def packed_weights(self) -> dict[str, Any] | None:
+        """{module: PackedWeight} stored at export for the sparse kernel, or None if the exporter stored
+        none (not int8, or too few all-zero 4x1 blocks to pay; the sparse backend then packs at load)."""
+        info = self.manifest["quantization"].get("packed")
+        if not info:
+            return None
+        if info.get("format") != PACKED_FORMAT:
+            raise ArtifactError(
+                f"{self.path}: packed weights have format {info.get('format')!r}, this runtime reads"
+                f" {PACKED_FORMAT!r}; {_REEXPORT}"
+            )
+        from .kernels.sparse import PackedWeight
+
+        tensors = load_file(self.path / info["file"])
+        try:
+            return {name: PackedWeight.from_dict(tensors, f"{name}.") for name in self.quantized_modules}
+        except KeyError as err:
+            raise ArtifactError(
+                f"{self.path / info['file']} has no tensor {err.args[0]}; {_REEXPORT}"
+            ) from None
 
     def calibration(self) -> dict[str, torch.Tensor] | None:
         """Model inputs saved for static int8 calibration, or None if the exporter stored none."""
@@ -226,12 +249,13 @@ def write_artifact(
     tensors = _checked_tensors(state_dict, what="state_dict")
     _check_quantized_tensors(full_manifest, tensors)
     calib = None if calibration is None else _checked_calibration(calibration, full_manifest)
+    packed = _packed_tensors(full_manifest, tensors)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        _write_contents(staging, full_manifest, dict(model_config), tensors, tokenizer, calib)
+        _write_contents(staging, full_manifest, dict(model_config), tensors, tokenizer, calib, packed)
         _move_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -337,6 +361,32 @@ def _checked_calibration(
     return tensors
 
 
+def _packed_tensors(
+    manifest: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor] | None:
+    """The quantized Linears in the sparse kernel's packed format, when they are block-sparse enough for
+    `auto` to pick the sparse backend; records the file in the manifest. Packing at export keeps it out of
+    every deployment's start-up, and the checksum covers the packed bytes the kernel runs."""
+    from .auto import SPARSE_MIN_BLOCK_SPARSITY, block_sparsity_4x1
+    from .kernels.sparse import pack_linear
+
+    modules = manifest["quantization"]["modules"]
+    counts = [block_sparsity_4x1(tensors[f"{name}.weight"]) for name in modules]
+    total = sum(all_blocks for _, all_blocks in counts)
+    sparsity = sum(zero for zero, _ in counts) / total if total else 0.0
+    if sparsity < SPARSE_MIN_BLOCK_SPARSITY:
+        return None
+    manifest["quantization"]["packed"] = {
+        "file": PACKED,
+        "format": PACKED_FORMAT,
+        "block_sparsity": round(sparsity, 4),
+    }
+    packed: dict[str, torch.Tensor] = {}
+    for name in modules:
+        packed.update(pack_linear(tensors[f"{name}.weight"]).to_dict(f"{name}."))
+    return packed
+
+
 def _write_contents(
     staging: Path,
     manifest: dict[str, Any],
@@ -344,12 +394,15 @@ def _write_contents(
     tensors: dict[str, torch.Tensor],
     tokenizer: Any,
     calibration: dict[str, torch.Tensor] | None,
+    packed: dict[str, torch.Tensor] | None,
 ) -> None:
     tokenizer.save_pretrained(str(staging))  # first, so our config.json wins should it write one
     (staging / CONFIG).write_text(json.dumps(model_config, indent=2, sort_keys=True), encoding="utf-8")
     save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
     if calibration is not None:
         save_file(calibration, str(staging / CALIBRATION), metadata={"format": "pt"})
+    if packed is not None:
+        save_file(packed, str(staging / PACKED), metadata={"format": "pt"})
     files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST)
     manifest["files"] = {p.relative_to(staging).as_posix(): sha256_file(p) for p in files}
     _write_json_durably(staging / MANIFEST, manifest)

@@ -12,6 +12,11 @@ The roofline column divides the model's int8 work by the int8 GEMM peak (torch._
 GEMM, at the layout's total thread count). The work is the DENSE count, 2 x sum(in x out) x seq_len per
 sample over the quantized Linears, so a sparse backend, which skips the pruned blocks, can exceed 100%:
 its fraction is an effective rate. Attention, softmax, LayerNorm and quantization are not counted.
+
+The cos_vs_fp32 column is each session's accuracy: the cosine similarity of its output logits to those of
+the eager fp32 backend on the same artifact, on real text (the artifact's calibration rows, then fixed
+question/context pairs through its tokenizer), over the real tokens, the lowest over the outputs. It is
+computed once per session, outside the timed rounds; the target for int8 backends is >= 0.99.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import contextlib
 import importlib.metadata
 import json
+import logging
 import multiprocessing
 import os
 import platform
@@ -27,7 +33,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -36,11 +43,12 @@ from typing import Any
 import torch
 
 from .artifact import Artifact, load_artifact
+from .auto import AUTO, backend_description
 from .backends import available_backends, get_backend
 from .bench import latency_percentiles_ms, time_calls
 from .errors import ArtifactError, BackendError
-from .inputs import synthetic_batch
-from .session import create_session
+from .inputs import fit_rows, synthetic_batch
+from .session import Session, create_session
 from .synthetic import PATTERNS, SCHEMES, SHAPES, minilm_tokenizer, synthetic_model, write_synthetic_artifact
 
 _ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
@@ -52,6 +60,32 @@ _PACKAGES = {  # record key: distribution (fastcpu_runtime ships inside the fast
     "fastcpu_runtime": "fastcpu",
     "ipex": "intel_extension_for_pytorch",
 }
+
+_COSINE_TARGET = 0.99  # the issue's accuracy target for int8 backends against eager fp32
+_ACCURACY_ROWS = 16  # real-text rows the accuracy column is computed on
+# Real question/context pairs for the accuracy column, after the artifact's own calibration rows.
+_ACCURACY_PAIRS = [
+    ("Where is the Eiffel Tower?", "The Eiffel Tower stands in Paris, on the Champ de Mars by the Seine."),
+    ("Who wrote Hamlet?", "Hamlet is a tragedy written by William Shakespeare around 1600."),
+    ("What do bees make?", "Honey bees collect nectar and turn it into honey inside the hive."),
+    ("When did the war end?", "The Second World War ended in 1945 after six years of fighting."),
+    ("What did the committee approve?", "The committee approved the budget after a long debate."),
+    ("How much did the rainfall change?", "Rainfall in the valley doubled compared with last spring."),
+    ("When does the library close?", "The library opens at nine and closes at six every weekday."),
+    ("Where do the birds rest?", "Migrating birds rest on the lake every autumn before flying south."),
+]
+# Known, harmless library messages this command would print on every run (each instance process too):
+# {logger: text of the records dropped}. Only these records are dropped, never a whole logger.
+_NOISE_LOGS = {
+    # torchao's optional CUDA/MX kernels (_C_mxfp8, _C_cutlass_90a) cannot load on a CPU-only torch
+    "torchao": "Failed to load ",
+    # torchao registers its Enums as pytree constants, which torch 2.13 deprecates
+    "torch.utils._pytree": "is an Enum subclass and is now natively supported by torch.compile",
+    # the ONNX exporter's registry skips torchvision ops when torchvision is not installed
+    "torch.onnx._internal.exporter._registration": "torchvision is not installed. Skipping",
+}
+# (message regex, module regex) of known UserWarnings: inductor's int8 lowering copies a tensor
+_NOISE_WARNINGS = [("To copy construct from a tensor", r"torch\._inductor\.mkldnn_lowerings")]
 
 Key = tuple[str, int]  # (backend, batch_size)
 
@@ -75,6 +109,42 @@ def parse_layout(text: str) -> Layout:
     if instances < 1 or threads < 1:
         raise argparse.ArgumentTypeError(f"instances and threads must be >= 1, got {text!r}")
     return Layout(instances, threads)
+
+
+# ------------------------------------------------------------------------------------------- noise
+
+
+class _DropKnownRecords(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def _silence_known_noise() -> list[tuple[logging.Logger, logging.Filter]]:
+    """Drop the known library messages (_NOISE_LOGS, _NOISE_WARNINGS); returns the filters installed."""
+    installed = []
+    for name, text in _NOISE_LOGS.items():
+        logger, dropper = logging.getLogger(name), _DropKnownRecords(text)
+        logger.addFilter(dropper)
+        installed.append((logger, dropper))
+    for message, module in _NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning, module=module)
+    return installed
+
+
+@contextlib.contextmanager
+def _known_noise_silenced() -> Iterator[None]:
+    """_silence_known_noise() for the duration of the block (main() may run inside another program)."""
+    with warnings.catch_warnings():
+        installed = _silence_known_noise()
+        try:
+            yield
+        finally:
+            for logger, dropper in installed:
+                logger.removeFilter(dropper)
 
 
 # ------------------------------------------------------------------------------------------ system
@@ -142,6 +212,69 @@ def int8_ops_per_sample(artifact: Artifact, seq_len: int) -> int:
     return sum(2 * state[f"{name}.weight"].numel() * seq_len for name in artifact.quantized_modules)
 
 
+# ---------------------------------------------------------------------------------------- accuracy
+
+
+def accuracy_inputs(artifact: Artifact, seq_len: int) -> dict[str, torch.Tensor]:
+    """Up to _ACCURACY_ROWS rows of real text at seq_len: the artifact's distinct calibration rows (real
+    tokenized text from its task), then _ACCURACY_PAIRS through its own tokenizer."""
+    names = artifact.input_names
+    rows: list[dict[str, torch.Tensor]] = []
+    calibration = artifact.calibration()
+    if calibration:
+        stored = {n: calibration[n] for n in names if n in calibration}
+        data = fit_rows(stored, seq_len, artifact.pad_token_id)
+        seen = set()
+        for index, ids in enumerate(data["input_ids"]):
+            if len(rows) < _ACCURACY_ROWS and (key := tuple(ids.tolist())) not in seen:
+                seen.add(key)
+                rows.append({n: t[index] for n, t in data.items()})
+    pairs = _ACCURACY_PAIRS[: _ACCURACY_ROWS - len(rows)]
+    if pairs:
+        questions, contexts = ([pair[i] for pair in pairs] for i in (0, 1))
+        encoded = artifact.tokenizer()(
+            questions, contexts, padding="max_length", truncation=True, max_length=seq_len
+        )
+        tensors = {n: torch.tensor(encoded[n], dtype=torch.int64) for n in names if n in encoded}
+        rows += [{n: t[index] for n, t in tensors.items()} for index in range(len(pairs))]
+    common = [n for n in names if all(n in row for row in rows)]
+    return {n: torch.stack([row[n] for row in rows]) for n in common}
+
+
+def run_rows(session: Session, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The session's outputs on every row of `inputs`, in chunks of its batch size."""
+    total = inputs["input_ids"].shape[0]
+    chunks = [
+        session.run({n: t[start : start + session.batch_size] for n, t in inputs.items()})
+        for start in range(0, total, session.batch_size)
+    ]
+    return {name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}
+
+
+def eager_reference(artifact: Artifact, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The eager fp32 backend's outputs on `inputs` (one call), whatever --backends names."""
+    rows, seq = inputs["input_ids"].shape
+    return create_session(artifact, "eager", batch_size=rows, seq_len=seq).run(inputs)
+
+
+def logits_cosine(
+    outputs: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], mask: torch.Tensor
+) -> float:
+    """The lowest over the outputs of the cosine similarity to the reference; token-level outputs
+    ([rows, seq, ...]) count only the real (mask) tokens."""
+    mask = mask.bool()
+    similarities = []
+    for name, want in reference.items():
+        got = outputs[name]
+        if want.ndim >= 2 and want.shape[:2] == mask.shape:
+            got, want = got[mask], want[mask]
+        similarity = torch.nn.functional.cosine_similarity(
+            got.flatten().double(), want.flatten().double(), dim=0
+        )
+        similarities.append(float(similarity))
+    return min(similarities)
+
+
 # --------------------------------------------------------------------------------------- instances
 
 
@@ -154,24 +287,29 @@ def _instance_main(
     keys: list[Key],
     seq: int,
     warmup: int,
+    accuracy_rows: dict[str, torch.Tensor] | None,
 ) -> None:
     """One pinned process: build every session once, then time them on the parent's command.
 
-    Sends {key: description or "skip: reason"} once, then one list of call times per command."""
+    Sends ({key: description or "skip: reason"}, {key: outputs on accuracy_rows}) once (outputs only
+    when given rows, before any timing), then one list of call times per command."""
+    _silence_known_noise()
     os.sched_setaffinity(0, cores)
     artifact = load_artifact(artifact_path)
-    sessions, described = {}, {}
+    sessions, described, outputs = {}, {}, {}
     for backend, batch in keys:
         try:
             session = create_session(artifact, backend, batch_size=batch, seq_len=seq, threads=threads)
         except Exception as err:  # a backend that cannot run this artifact is reported, not fatal
             described[(backend, batch)] = f"skip: {type(err).__name__}: {err}"
             continue
+        if accuracy_rows is not None:
+            outputs[(backend, batch)] = run_rows(session, accuracy_rows)
         inputs = synthetic_batch(artifact.input_names, batch, seq, artifact.vocab_size)
         time_calls(session, inputs, warmup)
         sessions[(backend, batch)] = (session, inputs)
         described[(backend, batch)] = session.description
-    conn.send(described)
+    conn.send((described, outputs))
     while (command := conn.recv()) is not None:
         key, iterations = command
         barrier.wait()
@@ -180,9 +318,15 @@ def _instance_main(
 
 @contextlib.contextmanager
 def _start_instances(
-    artifact: Artifact, layout: Layout, keys: list[Key], seq: int, warmup: int
+    artifact: Artifact,
+    layout: Layout,
+    keys: list[Key],
+    seq: int,
+    warmup: int,
+    accuracy_rows: dict[str, torch.Tensor],
 ) -> Iterator[list[Connection]]:
-    """Start the layout's pinned processes (spawned: forking a process that already ran torch is unsafe)."""
+    """Start the layout's pinned processes (spawned: forking a process that already ran torch is unsafe);
+    the first one also runs every session on accuracy_rows."""
     cores = sorted(os.sched_getaffinity(0))
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(layout.instances)
@@ -190,7 +334,8 @@ def _start_instances(
     for index in range(layout.instances):
         parent, child = context.Pipe()
         own = cores[index * layout.threads : (index + 1) * layout.threads]
-        args = (child, barrier, str(artifact.path), own, layout.threads, keys, seq, warmup)
+        rows = accuracy_rows if index == 0 else None
+        args = (child, barrier, str(artifact.path), own, layout.threads, keys, seq, warmup, rows)
         processes.append(context.Process(target=_instance_main, args=args, daemon=True))
         processes[-1].start()
         child.close()  # only the instance holds its end, so its death reaches recv() as EOFError
@@ -214,10 +359,22 @@ def _receive(pipe: Connection, what: str) -> Any:
         raise RuntimeError(f"a benchmark instance died ({what}); see its traceback above") from None
 
 
-def run_layout(artifact: Artifact, layout: Layout, keys: list[Key], args: argparse.Namespace) -> list[dict]:
-    """Time every (backend, batch) session under one NxT layout; one record per session that runs."""
-    with _start_instances(artifact, layout, keys, args.seq, args.warmup) as pipes:
-        described = [_receive(pipe, f"layout {layout}, while creating sessions") for pipe in pipes]
+def run_layout(
+    artifact: Artifact,
+    layout: Layout,
+    keys: list[Key],
+    args: argparse.Namespace,
+    accuracy: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
+) -> list[dict]:
+    """Time every (backend, batch) session under one NxT layout; one record per session that runs.
+
+    `accuracy` is (real-text inputs, eager fp32 outputs on them): each record gets its cosine_vs_fp32."""
+    rows, reference = accuracy
+    with _start_instances(artifact, layout, keys, args.seq, args.warmup, rows) as pipes:
+        received = [_receive(pipe, f"layout {layout}, while creating sessions") for pipe in pipes]
+        described = [d for d, _ in received]
+        mask = rows.get("attention_mask", rows["input_ids"] != artifact.pad_token_id)
+        cosines = {key: logits_cosine(out, reference, mask) for key, out in received[0][1].items()}
         runnable = [key for key in keys if all(not d[key].startswith("skip:") for d in described)]
         for key in keys:
             if key not in runnable:
@@ -230,7 +387,10 @@ def run_layout(artifact: Artifact, layout: Layout, keys: list[Key], args: argpar
                     pipe.send((key, args.iterations))
                 rounds[key].append([_receive(pipe, f"{key[0]} batch {key[1]}") for pipe in pipes])
             print(f"layout {layout}: round {index + 1}/{args.rounds} done", file=sys.stderr, flush=True)
-    return [_record(key, layout, rounds[key], described[0][key], args.seq) for key in runnable]
+    records = [_record(key, layout, rounds[key], described[0][key], args.seq) for key in runnable]
+    for record, key in zip(records, runnable, strict=True):
+        record["cosine_vs_fp32"] = cosines[key]
+    return records
 
 
 def _record(key: Key, layout: Layout, rounds: list[list[list[float]]], description: str, seq: int) -> dict:
@@ -262,8 +422,11 @@ def benchmark_artifact(artifact: Artifact, backends: list[str], args: argparse.N
     keys = [(backend, batch) for backend in _runnable(backends, artifact) for batch in args.batch]
     ops = int8_ops_per_sample(artifact, args.seq) if artifact.quantized_modules else None
     records = []
+    if keys:
+        rows = accuracy_inputs(artifact, args.seq)
+        accuracy = rows, eager_reference(artifact, rows)
     for layout in args.instances_threads if keys else []:
-        for record in run_layout(artifact, layout, keys, args):
+        for record in run_layout(artifact, layout, keys, args, accuracy):
             record.update(
                 scheme=artifact.scheme,
                 sparsity=sparsity.get("target", sparsity.get("overall", 0.0)),
@@ -276,8 +439,8 @@ def benchmark_artifact(artifact: Artifact, backends: list[str], args: argparse.N
 
 def _runs_int8(description: str) -> bool:
     """Backends describe their precision before the parenthesis: "native static int8 (...)", but
-    "onnxruntime 1.31 fp32 (int8 weights dequantized)"."""
-    return " int8" in description.split("(")[0]
+    "onnxruntime 1.31 fp32 (int8 weights dequantized)"; auto's reason ("auto -> native: ...; ") is skipped."""
+    return " int8" in backend_description(description).split("(")[0]
 
 
 def add_roofline(records: list[dict]) -> None:
@@ -317,7 +480,7 @@ def budget_choices(records: list[dict], budget_ms: float) -> dict[str, dict | No
 
 def format_table(records: list[dict]) -> str:
     columns = ("scheme", "sparsity", "pattern", "backend", "batch", "NxT", "samples/s (min–max)", "p50 ms")
-    columns += ("p90 ms", "int8 peak")
+    columns += ("p90 ms", "int8 peak", "cos_vs_fp32")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in records:
         low, high = r["throughput_spread"]
@@ -326,8 +489,18 @@ def format_table(records: list[dict]) -> str:
             f"| {r['scheme']} | {r['sparsity']:.0%} | {r['pattern']} | {r['backend']} | {r['batch_size']} |"
             f" {r['instances']}x{r['threads']} | {r['throughput']:.1f} ({low:.1f}–{high:.1f}) |"
             f" {r['latency_p50_ms']:.1f} | {r['latency_p90_ms']:.1f} | {fraction} |"
+            f" {r['cosine_vs_fp32']:.4f} |"
         )
     return "\n".join(lines)
+
+
+def format_accuracy(records: list[dict]) -> str | None:
+    """One line naming the results below the cosine target, or None when all reach it."""
+    low = [r for r in records if r["cosine_vs_fp32"] < _COSINE_TARGET]
+    if not low:
+        return None
+    named = sorted({f"{r['backend']} batch {r['batch_size']} ({r['cosine_vs_fp32']:.4f})" for r in low})
+    return f"below cosine {_COSINE_TARGET} of eager fp32 on real text: " + ", ".join(named)
 
 
 def format_budget(choices: dict[str, dict | None], budget_ms: float) -> str:
@@ -360,7 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.0], help="synthetic only")
     parser.add_argument("--pattern", choices=PATTERNS, default="4x1", help="synthetic only")
     parser.add_argument("--scheme", choices=SCHEMES, default="static_int8", help="synthetic only")
-    parser.add_argument("--backends", nargs="+", help="default: every available backend")
+    parser.add_argument(
+        "--backends", nargs="+", help=f"default: every available backend; {AUTO}: the one pick_backend picks"
+    )
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--instances-threads", type=parse_layout, nargs="+", metavar="NxT")
@@ -384,7 +559,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--sparsity values must be in [0, 1)")
     args.backends = args.backends or available_backends()
     for backend in args.backends:
-        get_backend(backend)  # BackendError listing the available ones
+        if backend != AUTO:
+            get_backend(backend)  # BackendError listing the available ones
 
 
 @contextlib.contextmanager
@@ -412,6 +588,11 @@ def _artifacts(args: argparse.Namespace) -> Iterator[list[Artifact]]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    with _known_noise_silenced():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> list[dict]:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -426,6 +607,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for record in records:
         record["system"] = system
     print(format_table(records))
+    if (below := format_accuracy(records)) is not None:
+        print(below)
     if args.latency_budget_ms is not None:
         print(format_budget(budget_choices(records, args.latency_budget_ms), args.latency_budget_ms))
     if args.json is not None:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .artifact import Artifact, load_artifact
+from .auto import AUTO, describe_auto, pick_backend
 from .backends import Runner, get_backend
 from .inputs import as_batch, pad_batch, synthetic_batch
 
@@ -61,22 +62,30 @@ class Session:
 
 def create_session(
     artifact: Artifact | str | os.PathLike[str],
-    backend: str = "native",
+    backend: str = AUTO,
     *,
     batch_size: int,
     seq_len: int,
     threads: int | None = None,
 ) -> Session:
-    """Prepare `backend` for the artifact at a fixed shape; compilation and the first call happen here."""
+    """Prepare `backend` for the artifact at a fixed shape; compilation and the first call happen here.
+
+    `auto` picks the backend from the artifact (`pick_backend`); the session then carries the chosen
+    name, and its description says that auto chose it and why."""
     if not isinstance(artifact, Artifact):
         artifact = load_artifact(artifact)
     _check_shape(artifact, batch_size, seq_len)
+    reason = None
+    if backend == AUTO:
+        backend, reason = pick_backend(artifact)
     factory = get_backend(backend)
     if threads is not None:
         torch.set_num_threads(threads)
     runner = factory(artifact, batch_size, seq_len)
     if not isinstance(runner, Runner):
         runner = Runner(runner, backend)
+    if reason is not None:
+        runner = Runner(runner.fn, describe_auto(backend, reason, runner.description))
     session = Session(artifact, backend, runner, batch_size, seq_len)
     session.run(synthetic_batch(artifact.input_names, batch_size, seq_len, artifact.vocab_size))
     return session

@@ -65,14 +65,24 @@ def int8_state(model: torch.nn.Module, modules: list[str]) -> dict[str, torch.Te
 
 
 def save(
-    path: Path, model, tokenizer, *, task=QA_TASK, scheme="none", modules=(), state=None, **kwargs
+    path: Path,
+    model,
+    tokenizer,
+    *,
+    task=QA_TASK,
+    scheme="none",
+    modules=(),
+    state=None,
+    sparsity=None,
+    **kwargs,
 ) -> Path:
-    """Write `model` as an artifact; `state` defaults to its own state with `modules` quantized to int8."""
+    """Write `model` as an artifact; `state` defaults to its own state with `modules` quantized to int8;
+    `sparsity` is the manifest's entry (default: not pruned)."""
     manifest = {
         "model_type": "bert",
         "task": task,
         "quantization": {"scheme": scheme, "modules": list(modules)},
-        "sparsity": {"pattern": "none", "overall": 0.0},
+        "sparsity": sparsity or {"pattern": "none", "overall": 0.0},
     }
     return write_artifact(
         path,

@@ -11,8 +11,9 @@ import yaml
 from conftest import CONF, compose_config
 
 from fastcpu.config import ConfigError
+from fastcpu.measure import RuntimeConfig
 from fastcpu.trial import TrialConfig
-from fastcpu_runtime import available_backends
+from fastcpu_runtime import AUTO, available_backends
 
 GROUP_OPTIONS = [
     (group.name, option.stem)
@@ -29,7 +30,7 @@ def skip_missing_backend(group: str, option: str) -> None:
     if group != "runtime":
         return
     backend = yaml.safe_load((CONF / group / f"{option}.yaml").read_text())["backend"]
-    if backend not in available_backends():
+    if backend not in (AUTO, *available_backends()):
         pytest.skip(f"backend {backend} is not installed in this environment")
 
 
@@ -47,6 +48,12 @@ def test_experiment_composes_and_validates(experiment):
 def test_group_option_composes_and_validates(group, option):
     skip_missing_backend(group, option)
     TrialConfig.from_hydra(compose_config([f"{group}={option}"]))
+
+
+def test_default_runtime_backend_is_auto():
+    assert RuntimeConfig().backend == AUTO
+    assert TrialConfig.from_hydra(compose_config([])).runtime.backend == AUTO
+    assert TrialConfig.from_hydra(compose_config(["+experiment=sst2"])).runtime.backend == AUTO
 
 
 def test_main_experiment_settings():
@@ -68,7 +75,7 @@ def test_main_experiment_settings():
         ("pruning.pattern=2x2", "pruning.pattern='2x2' is not allowed; allowed: unstructured, 4x1"),
         ("+pruning.sparsty=0.5", "pruning: unknown key(s) ['sparsty']"),
         ("training.batch_size=zero", "training.batch_size must be an integer"),
-        ("runtime.backend=tensorrt", "runtime.backend='tensorrt' is not available; available:"),
+        ("runtime.backend=tensorrt", "runtime.backend='tensorrt' is not available; available: auto, eager"),
         ("student.layers=[0,0]", "student.layers=[0, 0] repeats a layer"),
         ("task.doc_stride=500", "task.doc_stride"),
         ("training.precision=fp8", "training.precision='fp8' is not allowed; allowed: fp32, bf16"),

@@ -1,20 +1,45 @@
 """`python -m fastcpu_runtime.compare`: the CLI end to end on the tiny synthetic shape (one run shared by
-the tests, since every instance process imports torch and builds its sessions), plus its error paths."""
+the tests, since every instance process imports torch and builds its sessions), one run of the int8
+backends on a pruned tiny BERT for their accuracy column, plus its error paths."""
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
+from runtime_helpers import CALIBRATION_TEXTS, encode, encoder_linears, save, tiny_runtime_model
+from transformers import BertForQuestionAnswering
 
 from fastcpu_runtime import available_backends
 from fastcpu_runtime import compare as bench_cli
+from fastcpu_runtime.synthetic import magnitude_mask
 
 # The second backend: ONNX Runtime fp32 builds in seconds; native (inductor) where it is not installed.
 BACKENDS = ["eager", "onnxruntime_fp32" if "onnxruntime_fp32" in available_backends() else "native"]
 KEYS = {"backend", "scheme", "sparsity", "pattern", "batch_size", "seq_len", "instances", "threads"}
 NUMBERS = {"throughput", "latency_p50_ms", "latency_p90_ms"}
 BUDGET_MS = 1000.0
+# What the command may print on stderr: its progress and skip lines (library noise is silenced).
+STDERR_LINE = re.compile(r"layout \d+x\d+: round \d+/\d+ done|\S+( batch \d+ \d+x\d+)?: skip: .*")
+# The int8 backends of the accuracy run: sparse through auto (which picks it for this artifact)
+INT8_BACKENDS = ["native", "auto"] + (["onnxruntime"] if "onnxruntime" in available_backends() else [])
+
+
+def run_cli(*args: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """The command with `args` plus --json; (its completed process, its records)."""
+    command = [sys.executable, "-m", "fastcpu_runtime.compare", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, json.loads(Path(args[args.index("--json") + 1]).read_text())
+
+
+def assert_quiet(stderr: str) -> None:
+    """No library noise: the torchao .so, pytree Enum, torchvision and inductor copy-construct messages."""
+    noise = [line for line in stderr.splitlines() if not STDERR_LINE.fullmatch(line)]
+    assert not noise, "\n".join(noise)
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +47,35 @@ def cli_run(tmp_path_factory):
     """One CLI run: 2 backends (and sparse, which must be skipped on an fp32 artifact), batch 1 and 2,
     layouts 1x1 and 2x1."""
     out = tmp_path_factory.mktemp("bench") / "records.json"
-    command = [sys.executable, "-m", "fastcpu_runtime.compare", "--shape", "tiny", "--scheme", "none"]
-    command += ["--sparsity", "0.5", "--backends", *BACKENDS, "sparse", "--batch", "1", "2", "--seq", "16"]
-    command += ["--instances-threads", "1x1", "2x1", "--warmup", "1", "--rounds", "2", "--iterations", "2"]
-    command += ["--latency-budget-ms", str(BUDGET_MS), "--json", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result, json.loads(out.read_text())
+    args = ["--shape", "tiny", "--scheme", "none", "--sparsity", "0.5", "--backends", *BACKENDS, "sparse"]
+    args += ["--batch", "1", "2", "--seq", "16", "--instances-threads", "1x1", "2x1"]
+    args += ["--warmup", "1", "--rounds", "2", "--iterations", "2"]
+    return run_cli(*args, "--latency-budget-ms", str(BUDGET_MS), "--json", str(out))
+
+
+@pytest.fixture(scope="module")
+def int8_run(tmp_path_factory, tokenizer):
+    """The int8 backends on a tiny BERT whose weights are large enough for int8 error to show (as in the
+    backend tests), its encoder Linears pruned to 80% in 4x1 blocks, stored as static int8."""
+    root = tmp_path_factory.mktemp("int8")
+    model = tiny_runtime_model(BertForQuestionAnswering, initializer_range=0.2)
+    modules = encoder_linears(model)
+    with torch.no_grad():
+        for name in modules:
+            weight = model.get_submodule(name).weight
+            weight.mul_(magnitude_mask(weight, 0.8, "4x1"))
+    artifact = save(
+        root / "artifact",
+        model,
+        tokenizer,
+        scheme="static_int8",
+        modules=modules,
+        calibration=encode(tokenizer, CALIBRATION_TEXTS, padding="max_length", max_length=24),
+        sparsity={"method": "magnitude", "pattern": "4x1", "target": 0.8},
+    )
+    args = ["--artifact", str(artifact), "--backends", *INT8_BACKENDS, "--batch", "2", "--seq", "32"]
+    args += ["--instances-threads", "1x1", "--warmup", "0", "--rounds", "1", "--iterations", "1"]
+    return run_cli(*args, "--json", str(root / "records.json"))
 
 
 def test_records_cover_every_configuration(cli_run):
@@ -45,6 +92,7 @@ def test_records_cover_every_configuration(cli_run):
         assert (record["scheme"], record["sparsity"], record["pattern"]) == ("none", 0.5, "4x1")
         assert record["int8_peak_fraction"] is None  # fp32 artifact: no int8 roofline
         assert record["system"]["logical_cores"] >= 1
+        assert record["cosine_vs_fp32"] > 0.9999  # fp32 against fp32
 
 
 def test_output_has_system_table_skip_reason_and_budget_choice(cli_run):
@@ -56,6 +104,34 @@ def test_output_has_system_table_skip_reason_and_budget_choice(cli_run):
         best = max((r for r in fitting if r["backend"] == backend), key=lambda r: r["throughput"])
         choice = f"  {backend}: {best['throughput']:.1f} samples/s at batch {best['batch_size']}"
         assert choice in result.stdout
+
+
+def test_no_library_noise_on_stderr(cli_run, int8_run):
+    for result, _ in (cli_run, int8_run):
+        assert_quiet(result.stderr)
+
+
+def test_int8_backends_keep_the_fp32_logits_on_real_text(int8_run):
+    result, records = int8_run
+    cosines = {r["backend"]: r["cosine_vs_fp32"] for r in records}
+    print(f"cosine vs eager fp32: {cosines}")
+    assert set(cosines) == set(INT8_BACKENDS)
+    assert all(cosine >= 0.99 for cosine in cosines.values()), cosines
+    assert all(r["int8_peak_fraction"] is not None for r in records)  # auto's choice is counted as int8
+    auto = next(r for r in records if r["backend"] == "auto")
+    chosen = "sparse" if "sparse" in available_backends() else "native"
+    assert auto["description"].startswith(f"auto -> {chosen}: 4x1 block sparsity 0.80 of the int8 Linears")
+    assert "cos_vs_fp32 |" in result.stdout and "below cosine" not in result.stdout
+
+
+def test_accuracy_line_names_the_records_below_the_target():
+    records = [
+        {"backend": "a", "batch_size": 1, "cosine_vs_fp32": 0.995},
+        {"backend": "b", "batch_size": 8, "cosine_vs_fp32": 0.9712},
+    ]
+    line = "below cosine 0.99 of eager fp32 on real text: b batch 8 (0.9712)"
+    assert bench_cli.format_accuracy(records) == line
+    assert bench_cli.format_accuracy(records[:1]) is None
 
 
 def test_budget_picks_the_fastest_record_that_fits_or_none():

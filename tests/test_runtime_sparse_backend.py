@@ -27,7 +27,7 @@ from fastcpu_runtime.backends.sparse import (
     sparse_available,
     sparse_linear_op,
 )
-from fastcpu_runtime.kernels import pack_4x1, sparse_linear
+from fastcpu_runtime.kernels import pack_4x1, pack_linear, sparse_linear
 
 pytestmark = pytest.mark.skipif(not sparse_available(), reason="sparse needs x86 and a C++ compiler")
 
@@ -105,7 +105,7 @@ def test_module_pads_odd_out_features_and_keeps_leading_dims():
     gen = torch.Generator().manual_seed(1)
     weight = torch.randint(-127, 128, (6, 12), dtype=torch.int8, generator=gen)
     scale, bias = torch.rand(6, generator=gen) / 100, torch.randn(6, generator=gen)
-    module = SparseInt8Linear(weight, scale, bias, x_range=(-2.0, 3.0))
+    module = SparseInt8Linear(pack_linear(weight), scale, bias, x_range=(-2.0, 3.0))
     x = torch.randn(2, 3, 12, generator=gen)
     q = quantize_uint8(x, module.x_scale, module.x_zero_point)
     expected = (q.float() - module.x_zero_point) * module.x_scale @ (weight.float() * scale[:, None]).T + bias
@@ -184,6 +184,61 @@ def unpack(module: SparseInt8Linear) -> torch.Tensor:
     cols = module.col_idx.long()[:, None, :].expand(-1, 4, 4)
     dense.index_put_((rows, cols), module.values.int(), accumulate=True)
     return dense[: module.out_features].to(torch.int8)
+
+
+def test_block_sparse_int8_export_stores_the_packed_weights(artifacts):
+    """Written at export, listed with a checksum, decoding to the stored int8 weights; the session uses it."""
+    import json
+
+    from fastcpu_runtime.artifact import PACKED
+
+    artifact = load_artifact(artifacts["static_int8"])
+    info = artifact.manifest["quantization"]["packed"]
+    assert info["file"] == PACKED and PACKED in artifact.manifest["files"]
+    assert info["block_sparsity"] >= SPARSITY - 0.01
+    packed, state = artifact.packed_weights(), artifact.state_dict()
+    assert set(packed) == set(artifact.quantized_modules)
+    for name, weight in packed.items():
+        stored = state[f"{name}.weight"]
+        torch.testing.assert_close(pack_linear(stored).values, weight.values, rtol=0, atol=0)
+        torch.testing.assert_close(pack_linear(stored).col_idx, weight.col_idx, rtol=0, atol=0)
+    manifest = json.loads((artifacts["none"] / "manifest.json").read_text())
+    assert "packed" not in manifest["quantization"] and PACKED not in manifest["files"]
+
+
+def test_sparse_session_runs_the_packing_stored_at_export(static_session):
+    assert "packed at export" in static_session.description
+
+
+def test_dense_int8_export_stores_no_packing(tmp_path, tokenizer):
+    """Below the block sparsity at which `auto` picks sparse, the packing would only cost space."""
+    model = tiny_runtime_model(BertForQuestionAnswering)
+    path = save(tmp_path / "dense", model, tokenizer, scheme="dynamic_int8", modules=encoder_linears(model))
+    artifact = load_artifact(path)
+    assert artifact.packed_weights() is None
+    session = create_session(artifact, "sparse", batch_size=BATCH, seq_len=SEQ)
+    assert "packed at load" in session.description
+
+
+def test_corrupted_or_foreign_packing_is_refused(artifacts, tmp_path):
+    import json
+    import shutil
+
+    from fastcpu_runtime import ArtifactError
+    from fastcpu_runtime.artifact import PACKED
+
+    copy = shutil.copytree(artifacts["static_int8"], tmp_path / "copy")
+    data = bytearray((copy / PACKED).read_bytes())
+    data[-1] ^= 0xFF
+    (copy / PACKED).write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=f"checksum mismatch for {PACKED}"):
+        load_artifact(copy)
+    shutil.copy(artifacts["static_int8"] / PACKED, copy / PACKED)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["quantization"]["packed"]["format"] = "2x2-v9"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="packed weights have format '2x2-v9'"):
+        load_artifact(copy).packed_weights()
 
 
 def test_packed_weights_are_the_stored_int8_weights(artifacts):

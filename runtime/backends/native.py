@@ -16,7 +16,7 @@ import torch
 
 from ..errors import BackendError
 from ..inputs import fit_rows, synthetic_batch
-from ..modeling import PositionalModel
+from ..modeling import PositionalModel, fast_attention
 from ..quant import INT8_MAX
 from .registry import Runner, register_backend
 
@@ -36,14 +36,17 @@ def native(artifact: Artifact, batch_size: int, seq_len: int) -> Runner:
     scheme = artifact.scheme
     if scheme in _INT8_SCHEMES:
         return _int8_runner(artifact, batch_size, seq_len)
-    dtype = torch.bfloat16 if scheme == "bf16" else torch.float32
-    model = positional_model(artifact, dtype)
+    if scheme == "bf16":
+        model = positional_model(artifact, torch.bfloat16, fast_attention())
+    else:  # fp32 stays exact: the reference the compressed students are compared with
+        model = positional_model(artifact, torch.float32)
     precision = "bf16" if scheme == "bf16" else "fp32"
     return Runner(compile_frozen(model), f"native {precision} (torch.compile, inductor, freezing)")
 
 
-def positional_model(artifact: Artifact, dtype: torch.dtype) -> PositionalModel:
-    return PositionalModel(artifact.build_model(dtype), artifact.input_names, artifact.output_names).eval()
+def positional_model(artifact: Artifact, dtype: torch.dtype, attention: str = "sdpa") -> PositionalModel:
+    model = artifact.build_model(dtype, attention)
+    return PositionalModel(model, artifact.input_names, artifact.output_names).eval()
 
 
 def compile_frozen(model: Callable[..., Any]) -> Callable[..., Any]:
@@ -76,7 +79,7 @@ def _int8_runner(artifact: Artifact, batch_size: int, seq_len: int) -> Runner:
         raise BackendError(f"{artifact.path}: scheme {artifact.scheme} but quantization.modules is empty")
     dynamic = artifact.scheme == "dynamic_int8"
     calibration = None if dynamic else calibration_batches(artifact, batch_size, seq_len)
-    model = positional_model(artifact, torch.float32)
+    model = positional_model(artifact, torch.float32, fast_attention())
     example = tuple(synthetic_batch(artifact.input_names, batch_size, seq_len, artifact.vocab_size).values())
     converted = quantize_pt2e_model(model, example, artifact.quantized_modules, dynamic, calibration)
     kind = "dynamic" if dynamic else "static"
@@ -126,6 +129,7 @@ def quantize_pt2e_model(
 
     with torch.no_grad():
         exported = torch.export.export(model, example, strict=False).module()
+        _tag_linear_sources(exported)
         prepared = prepare_pt2e(exported, _quantizer(module_names, dynamic))
         for batch in calibration or [example]:
             prepared(*batch)
@@ -139,6 +143,24 @@ def quantize_pt2e_model(
             f" not quantized: {missing}, unexpectedly quantized: {extra}"
         )
     return converted
+
+
+def _tag_linear_sources(graph_module: torch.fx.GraphModule) -> None:
+    """Give each op of an nn.Linear the `source_fn_stack` that X86InductorQuantizer finds Linears by.
+
+    Non-strict export records no `source_fn_stack`. Recent torch (2.13 here) has get_source_partitions fall
+    back to `nn_module_stack`; torch 2.8 (the IPEX environment) has no such fallback, so its quantizer sees
+    no Linear and annotates nothing. This writes what the fallback reads (the innermost module's path and
+    class), so both versions partition alike; nodes that already carry a stack are left alone.
+    """
+    linear = f"{torch.nn.Linear.__module__}.{torch.nn.Linear.__qualname__}"
+    for node in graph_module.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op != "call_function" or not stack or "source_fn_stack" in node.meta:
+            continue
+        path, cls = list(stack.values())[-1]
+        if cls is torch.nn.Linear or cls == linear:
+            node.meta["source_fn_stack"] = [(path, torch.nn.Linear)]
 
 
 def quantized_linears(graph_module: torch.fx.GraphModule) -> set[str]:

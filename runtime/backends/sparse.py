@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..errors import BackendError
-from ..kernels.sparse import load_extension, pack_4x1
+from ..kernels.sparse import PackedWeight, load_extension, pack_linear
+from ..modeling import fast_attention
 from .native import calibration_batches, compile_frozen, have_compiler, positional_model
 from .registry import Runner, register_backend
 
@@ -111,22 +112,26 @@ class SparseInt8Linear(nn.Module):
 
     def __init__(
         self,
-        weight_int8: torch.Tensor,
+        packed: PackedWeight,
         weight_scale: torch.Tensor,
         bias: torch.Tensor | None,
         x_range: tuple[float, float] | None,
     ) -> None:
         super().__init__()
-        self.out_features, self.in_features = weight_int8.shape
-        # the kernel works on whole 4-row blocks: pad with zero rows and slice them off after the call
-        pad = -self.out_features % _BLOCK
-        weight = torch.cat([weight_int8, weight_int8.new_zeros(pad, self.in_features)])
+        self.out_features, self.in_features = weight_scale.shape[0], packed.in_features
+        # the kernel works on whole 4-row blocks (pack_linear pads zero rows): slice them off after the call
+        pad = packed.out_features - self.out_features
+        if not 0 <= pad < _BLOCK:
+            raise BackendError(
+                f"packed weight has {packed.out_features} rows for {self.out_features} outputs"
+                f" (expected {self.out_features + -self.out_features % _BLOCK})"
+            )
         scale = torch.cat([weight_scale.float(), weight_scale.new_ones(pad, dtype=torch.float32)])
-        full_bias = torch.zeros(self.out_features + pad)
+        full_bias = torch.zeros(packed.out_features)
         if bias is not None:
             full_bias[: self.out_features] = bias.detach().float()
-        self.packed = pack_4x1(weight)
-        for name, tensor in self.packed.to_dict().items():
+        self.packed = packed
+        for name, tensor in packed.to_dict().items():
             if name != "shape":
                 self.register_buffer(name, tensor)
         self.register_buffer("weight_scale", scale.contiguous())
@@ -169,7 +174,8 @@ class SparseInt8Linear(nn.Module):
 
 @register_backend("sparse", available=sparse_available)
 def sparse(artifact: Artifact, batch_size: int, seq_len: int) -> Runner:
-    """Pack the stored int8 weights as they are (no requantization), then compile the whole model."""
+    """Run the int8 weights exactly as stored (no requantization), in the packing the artifact carries
+    (written at export) or packed here; then compile the whole model."""
     if artifact.scheme not in _INT8_SCHEMES:
         raise BackendError(
             f"backend sparse needs an int8 artifact (one of {list(_INT8_SCHEMES)}); {artifact.path} has"
@@ -178,10 +184,10 @@ def sparse(artifact: Artifact, batch_size: int, seq_len: int) -> Runner:
     modules = artifact.quantized_modules
     if not modules:
         raise BackendError(f"{artifact.path}: scheme {artifact.scheme} but quantization.modules is empty")
-    model = positional_model(artifact, torch.float32)
+    model = positional_model(artifact, torch.float32, fast_attention())
     dynamic = artifact.scheme == "dynamic_int8"
     ranges = None if dynamic else observe_input_ranges(model, modules, artifact, batch_size, seq_len)
-    replaced = replace_linears(model.model, artifact.state_dict(), modules, ranges)
+    replaced = replace_linears(model.model, artifact.state_dict(), modules, ranges, artifact.packed_weights())
     return Runner(compile_frozen(model), _describe(artifact, replaced))
 
 
@@ -221,15 +227,23 @@ def replace_linears(
     state: dict[str, torch.Tensor],
     modules: list[str],
     ranges: dict[str, tuple[float, float]] | None,
+    packed: dict[str, PackedWeight] | None = None,
 ) -> list[SparseInt8Linear]:
-    """Swap each listed nn.Linear (paths inside the Hugging Face model) for a SparseInt8Linear."""
+    """Swap each listed nn.Linear (paths inside the Hugging Face model) for a SparseInt8Linear, using the
+    artifact's stored packing where given and packing the stored int8 weight otherwise."""
     replaced = []
     for name in modules:
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise BackendError(f"quantized module {name} is a {type(linear).__name__}, not an nn.Linear")
         x_range = None if ranges is None else ranges[name]
-        new = SparseInt8Linear(state[f"{name}.weight"], state[f"{name}.weight_scale"], linear.bias, x_range)
+        weight = packed[name] if packed else pack_linear(state[f"{name}.weight"])
+        if weight.in_features != state[f"{name}.weight"].shape[1]:
+            raise BackendError(
+                f"{name}: packed weight has {weight.in_features} inputs, the stored weight"
+                f" {state[f'{name}.weight'].shape[1]}; re-export the artifact"
+            )
+        new = SparseInt8Linear(weight, state[f"{name}.weight_scale"], linear.bias, x_range)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
         replaced.append(new)
@@ -242,8 +256,9 @@ def _describe(artifact: Artifact, replaced: list[SparseInt8Linear]) -> str:
     stored = sum(m.packed.density * m.packed.out_features * m.in_features for m in replaced)
     kind = "dynamic" if artifact.scheme == "dynamic_int8" else "static"
     path = load_extension().available_paths()[0]
+    packing = "packed at export" if artifact.packed_weights() is not None else "packed at load"
     return (
-        f"sparse {kind} int8 ({len(replaced)} Linears on the 4x1 block-sparse {path} kernel,"
+        f"sparse {kind} int8 ({len(replaced)} Linears on the 4x1 block-sparse {path} kernel, {packing},"
         f" block density {stored / dense:.0%}; rest inductor, freezing)"
     )
 

@@ -9,6 +9,7 @@ from .sparse import (
     available_paths,
     load_extension,
     pack_4x1,
+    pack_linear,
     sparse_int8_gemm,
     sparse_linear,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "available_paths",
     "load_extension",
     "pack_4x1",
+    "pack_linear",
     "sparse_int8_gemm",
     "sparse_linear",
 ]

@@ -153,6 +153,13 @@ def pack_4x1(weight: torch.Tensor) -> PackedWeight:
     )
 
 
+def pack_linear(weight: torch.Tensor) -> PackedWeight:
+    """pack_4x1 for any nn.Linear's int8 weight: out_features is padded with zero rows to whole 4-row
+    blocks (the padded outputs are computed and dropped; their cost is under one block-row)."""
+    pad = -weight.shape[0] % 4 if weight.ndim == 2 else 0
+    return pack_4x1(torch.cat([weight, weight.new_zeros(pad, weight.shape[1])]) if pad else weight)
+
+
 def _check_x(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
     if x.dtype != torch.uint8:
         raise TypeError(f"activations must be uint8, got {x.dtype}")
