@@ -6,7 +6,9 @@
 Each layout NxT runs N processes of T threads, pinned to disjoint cores (os.sched_setaffinity), calling
 their own copy of the same session at the same time: throughput is the sum over instances, latency p50/p90
 is over every call of every instance. Rounds alternate between the (backend, batch) sessions so that all
-of them share the machine's background load; throughput is the median over rounds, with its min/max.
+of them share the machine's background load; each session makes --warmup untimed calls before its timed
+ones in every round, so that no backend pays for the threads the previous one left spinning. Throughput
+is the median over rounds, with its min/max.
 
 The roofline column divides the model's int8 work by the int8 GEMM peak (torch._int_mm on a large square
 GEMM, at the layout's total thread count). The work is the DENSE count, 2 x sum(in x out) x seq_len per
@@ -312,6 +314,9 @@ def _instance_main(
     conn.send((described, outputs))
     while (command := conn.recv()) is not None:
         key, iterations = command
+        # untimed calls first: the session before this one may have been another runtime whose idle
+        # threads still spin (ONNX Runtime's do for a while), and the first calls would pay for them
+        time_calls(*sessions[key], warmup)
         barrier.wait()
         conn.send(time_calls(*sessions[key], iterations))
 
@@ -540,7 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--instances-threads", type=parse_layout, nargs="+", metavar="NxT")
     parser.add_argument("--latency-budget-ms", type=float)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="untimed calls per session, once built and before each round"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--json", type=Path, help="write the records (a JSON list) here")

@@ -27,7 +27,7 @@ from fastcpu_runtime.backends.sparse import (
     sparse_available,
     sparse_linear_op,
 )
-from fastcpu_runtime.kernels import pack_4x1, pack_linear, sparse_linear
+from fastcpu_runtime.kernels import available_paths, pack_4x1, pack_linear, sparse_linear
 
 pytestmark = pytest.mark.skipif(not sparse_available(), reason="sparse needs x86 and a C++ compiler")
 
@@ -253,3 +253,51 @@ def test_packed_weights_are_the_stored_int8_weights(artifacts):
     for name, module in zip(artifact.quantized_modules, replaced, strict=True):
         torch.testing.assert_close(unpack(module), state[f"{name}.weight"], rtol=0, atol=0)
         assert module.packed.density <= 1 - SPARSITY + 0.05, name
+
+
+_CAPPED_RUN = """
+import sys, torch
+from fastcpu_runtime import create_session
+inputs = torch.load(sys.argv[2])
+for _ in range(2):  # two sessions: the fallback is said once per process, not per session
+    session = create_session(sys.argv[1], "sparse", batch_size=int(sys.argv[3]), seq_len=int(sys.argv[4]))
+    out = session.run(inputs)
+print(session.description)
+torch.save(out, sys.argv[2] + ".out")
+"""
+
+
+def run_capped(artifact: Path, inputs: dict, tmp_path: Path, cap: str):
+    import os
+    import subprocess
+    import sys
+
+    torch.save(inputs, tmp_path / "inputs.pt")
+    env = {**os.environ, "FASTCPU_SPARSE_MAX_ISA": cap}
+    args = [str(artifact), str(tmp_path / "inputs.pt"), str(BATCH), str(SEQ)]
+    return subprocess.run(
+        [sys.executable, "-c", _CAPPED_RUN, *args], env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_capped_isa_falls_back_says_so_once_and_agrees(artifacts, static_session, qa_inputs, tmp_path):
+    """A CPU without AVX-512 VNNI (emulated by capping the path) runs the AVX2 path, says so once."""
+    if "avx2" not in available_paths():
+        pytest.skip("needs a CPU with AVX2")
+    done = run_capped(artifacts["static_int8"], qa_inputs, tmp_path, "avx2")
+    assert done.returncode == 0, done.stderr
+    assert "4x1 block-sparse avx2 kernel" in done.stdout
+    if "avx512_vnni" in available_paths():
+        assert done.stderr.count("falling back to the avx2 path") == 1, done.stderr
+    fallback, default = torch.load(tmp_path / "inputs.pt.out"), static_session.run(qa_inputs)
+    for name in default:  # the int32 accumulators are exact on every path; the float epilogue may round apart
+        torch.testing.assert_close(fallback[name], default[name], rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_isa_cap_is_one_clear_error(artifacts, qa_inputs, tmp_path):
+    done = run_capped(artifacts["static_int8"], qa_inputs, tmp_path, "sse9")
+    assert done.returncode != 0
+    assert (
+        "FASTCPU_SPARSE_MAX_ISA='sse9' is not a kernel path; allowed: avx512_vnni, avx2, scalar"
+        in done.stderr
+    )

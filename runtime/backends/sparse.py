@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import BackendError
-from ..kernels.sparse import PackedWeight, load_extension, pack_linear
+from ..kernels.sparse import PackedWeight, kernel_path, load_extension, pack_linear
 from ..modeling import fast_attention
 from .native import calibration_batches, compile_frozen, have_compiler, positional_model
 from .registry import Runner, register_backend
@@ -65,7 +65,7 @@ def sparse_linear_op(
         weight_scale,
         bias,
         weight_scale.shape[0],
-        "",
+        kernel_path(),
     )
 
 
@@ -255,7 +255,7 @@ def _describe(artifact: Artifact, replaced: list[SparseInt8Linear]) -> str:
     dense = sum(m.packed.out_features * m.in_features for m in replaced)
     stored = sum(m.packed.density * m.packed.out_features * m.in_features for m in replaced)
     kind = "dynamic" if artifact.scheme == "dynamic_int8" else "static"
-    path = load_extension().available_paths()[0]
+    path = kernel_path()
     packing = "packed at export" if artifact.packed_weights() is not None else "packed at load"
     return (
         f"sparse {kind} int8 ({len(replaced)} Linears on the 4x1 block-sparse {path} kernel, {packing},"

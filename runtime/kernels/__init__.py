@@ -7,6 +7,7 @@ with AVX-512 VNNI, AVX2 and scalar code paths chosen at run time from the CPU's 
 from .sparse import (
     PackedWeight,
     available_paths,
+    kernel_path,
     load_extension,
     pack_4x1,
     pack_linear,
@@ -17,6 +18,7 @@ from .sparse import (
 __all__ = [
     "PackedWeight",
     "available_paths",
+    "kernel_path",
     "load_extension",
     "pack_4x1",
     "pack_linear",

@@ -7,6 +7,8 @@ that matches one VNNI 4-way dot product (see sparse_gemm.cpp).
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -16,7 +18,12 @@ from types import ModuleType
 
 import torch
 
+log = logging.getLogger(__name__)
+
 _SOURCE = Path(__file__).with_name("sparse_gemm.cpp")
+PATHS = ("avx512_vnni", "avx2", "scalar")  # fastest first
+# Caps the code path, like oneDNN's ONEDNN_MAX_CPU_ISA: to compare paths, or to run as on an older CPU.
+MAX_ISA_ENV = "FASTCPU_SPARSE_MAX_ISA"
 _EXT_NAME = "fastcpu_sparse_gemm"
 _lock = threading.Lock()
 _ext: ModuleType | None = None
@@ -58,6 +65,22 @@ def load_extension() -> ModuleType:
 def available_paths() -> list[str]:
     """Code paths this CPU can run, fastest first: a subset of ['avx512_vnni', 'avx2', 'scalar']."""
     return list(load_extension().available_paths())
+
+
+@functools.cache
+def kernel_path() -> str:
+    """The code path the kernels run: the fastest this CPU has, at most $FASTCPU_SPARSE_MAX_ISA.
+
+    Anything below AVX-512 VNNI is said once per process, since it costs several times the speed."""
+    cap = os.environ.get(MAX_ISA_ENV, PATHS[0])
+    if cap not in PATHS:
+        raise ValueError(f"{MAX_ISA_ENV}={cap!r} is not a kernel path; allowed: {', '.join(PATHS)}")
+    available = available_paths()
+    path = next(p for p in PATHS[PATHS.index(cap) :] if p in available)
+    if path != PATHS[0]:
+        why = f"capped by {MAX_ISA_ENV}={cap}" if PATHS[0] in available else "this CPU has no AVX-512 VNNI"
+        log.warning("sparse int8 kernel: %s, falling back to the %s path (slower)", why, path)
+    return path
 
 
 @dataclass(frozen=True)
@@ -172,7 +195,9 @@ def sparse_int8_gemm(x_uint8: torch.Tensor, packed: PackedWeight, path: str | No
     """Raw int32 accumulators Y[n, o] = sum_k x[n, k] * w[o, k]; `path` forces a code path (tests)."""
     x = _check_x(x_uint8, packed)
     p = packed
-    return load_extension().sparse_int8_gemm(x, p.row_ptr, p.col_idx, p.values, p.out_features, path or "")
+    return load_extension().sparse_int8_gemm(
+        x, p.row_ptr, p.col_idx, p.values, p.out_features, path or kernel_path()
+    )
 
 
 def sparse_linear(
@@ -201,5 +226,5 @@ def sparse_linear(
         scale,
         bias,
         p.out_features,
-        path or "",
+        path or kernel_path(),
     )
