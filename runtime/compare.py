@@ -3,12 +3,13 @@
     python -m fastcpu_runtime.compare --shape distilbert-base --sparsity 0.8 0.9 --pattern 4x1 \\
         --scheme static_int8 --batch 1 8 --seq 128 --instances-threads 1x2
 
-Each layout NxT runs N processes of T threads, pinned to disjoint cores (os.sched_setaffinity), calling
-their own copy of the same session at the same time: throughput is the sum over instances, latency p50/p90
-is over every call of every instance. Rounds alternate between the (backend, batch) sessions so that all
-of them share the machine's background load; each session makes --warmup untimed calls before its timed
-ones in every round, so that no backend pays for the threads the previous one left spinning. Throughput
-is the median over rounds, with its min/max.
+Each layout NxT runs, for each backend, N processes of T threads, pinned to disjoint cores
+(os.sched_setaffinity), calling their own copy of the same session at the same time; each backend has
+processes of its own, so no runtime's thread pool shares a process with another's. Throughput is the sum
+over instances, latency p50/p90 is over every call of every instance. Rounds alternate between the
+(backend, batch) sessions so that all of them share the machine's background load; each session makes
+--warmup untimed calls before its timed ones in every round, so that no backend pays for the threads the
+previous one left spinning. Throughput is the median over rounds, with its min/max.
 
 The roofline column divides the model's int8 work by the int8 GEMM peak (torch._int_mm on a large square
 GEMM, at the layout's total thread count). The work is the DENSE count, 2 x sum(in x out) x seq_len per
@@ -375,11 +376,28 @@ def run_layout(
 
     `accuracy` is (real-text inputs, eager fp32 outputs on them): each record gets its cosine_vs_fp32."""
     rows, reference = accuracy
-    with _start_instances(artifact, layout, keys, args.seq, args.warmup, rows) as pipes:
-        received = [_receive(pipe, f"layout {layout}, while creating sessions") for pipe in pipes]
-        described = [d for d, _ in received]
+    with contextlib.ExitStack() as stack:
+        # each backend in processes of its own, as when deployed: another runtime's thread pool sharing
+        # the process (ONNX Runtime's) slowed the sparse kernel's batch-1 calls by up to 2x
+        groups = {
+            backend: stack.enter_context(
+                _start_instances(
+                    artifact, layout, [k for k in keys if k[0] == backend], args.seq, args.warmup, rows
+                )
+            )
+            for backend in dict.fromkeys(backend for backend, _ in keys)
+        }
+        described: list[dict[Key, str]] = [{} for _ in range(layout.instances)]
+        outputs: dict[Key, dict[str, torch.Tensor]] = {}
+        for backend, pipes in groups.items():
+            received = [
+                _receive(pipe, f"layout {layout}, while creating {backend} sessions") for pipe in pipes
+            ]
+            for index, (descriptions, _) in enumerate(received):
+                described[index].update(descriptions)
+            outputs.update(received[0][1])
         mask = rows.get("attention_mask", rows["input_ids"] != artifact.pad_token_id)
-        cosines = {key: logits_cosine(out, reference, mask) for key, out in received[0][1].items()}
+        cosines = {key: logits_cosine(out, reference, mask) for key, out in outputs.items()}
         runnable = [key for key in keys if all(not d[key].startswith("skip:") for d in described)]
         for key in keys:
             if key not in runnable:
@@ -388,6 +406,7 @@ def run_layout(
         rounds: dict[Key, list[list[list[float]]]] = {key: [] for key in runnable}
         for index in range(args.rounds):
             for key in runnable:
+                pipes = groups[key[0]]
                 for pipe in pipes:
                     pipe.send((key, args.iterations))
                 rounds[key].append([_receive(pipe, f"{key[0]} batch {key[1]}") for pipe in pipes])

@@ -203,6 +203,9 @@ def inference_session(model_path: Path, threads: int) -> Any:
     options.inter_op_num_threads = 1
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # threads spin while a run is on (its speed) but stop when it ends: left spinning, they took cores from
+    # whatever ran next in the machine (the sparse kernel's batch-1 calls ran at half speed after them)
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     return onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
 
 
