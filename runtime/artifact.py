@@ -32,6 +32,7 @@ CALIBRATION = "calibration.safetensors"
 PACKED = "packed_4x1.safetensors"  # the sparse kernel's weight format, written for block-sparse int8 models
 PACKED_FORMAT = "4x1-vnni-groups-v1"  # PackedWeight's fields (runtime/kernels/sparse.py), one set per Linear
 SCHEMES = ("none", "bf16", "dynamic_int8", "static_int8", "qat_int8")
+INT8_SCHEMES = ("static_int8", "qat_int8", "dynamic_int8")  # int8 weights + scales for the listed Linears
 HEADS = ("question_answering", "sequence_classification", "token_classification")
 SCALE_SUFFIX = ".weight_scale"
 _TASK_KEYS = ("name", "head", "input_names", "output_names", "max_seq_length", "pad_token_id")
@@ -367,14 +368,12 @@ def _packed_tensors(
     """The quantized Linears in the sparse kernel's packed format, when they are block-sparse enough for
     `auto` to pick the sparse backend; records the file in the manifest. Packing at export keeps it out of
     every deployment's start-up, and the checksum covers the packed bytes the kernel runs."""
-    from .auto import SPARSE_MIN_BLOCK_SPARSITY, block_sparsity_4x1
+    from .auto import SPARSE_MIN_BLOCK_SPARSITY, block_sparsity
     from .kernels.sparse import pack_linear
 
     modules = manifest["quantization"]["modules"]
-    counts = [block_sparsity_4x1(tensors[f"{name}.weight"]) for name in modules]
-    total = sum(all_blocks for _, all_blocks in counts)
-    sparsity = sum(zero for zero, _ in counts) / total if total else 0.0
-    if sparsity < SPARSE_MIN_BLOCK_SPARSITY:
+    sparsity = block_sparsity(tensors[f"{name}.weight"] for name in modules)
+    if sparsity is None or sparsity < SPARSE_MIN_BLOCK_SPARSITY:
         return None
     manifest["quantization"]["packed"] = {
         "file": PACKED,

@@ -7,10 +7,12 @@ on `native` (PT2E int8, bf16 or fp32 compiled by inductor); `eager` where neithe
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from safetensors import safe_open
 
-from .artifact import WEIGHTS, Artifact
+from .artifact import INT8_SCHEMES, WEIGHTS, Artifact
 from .backends import available_backends
 
 AUTO = "auto"
@@ -20,7 +22,6 @@ AUTO = "auto"
 # batch 1 / 8): DistilBERT shape 0.99x / 0.95x at 50%, 1.11x / 1.15x at 60%, 1.24x / 1.38x at 70%;
 # MiniLM-L6 shape 1.05x / 1.04x at 50%, 1.21x / 0.92x at 60%, 1.11x / 1.06x at 70%.
 SPARSE_MIN_BLOCK_SPARSITY = 0.6
-INT8_SCHEMES = ("static_int8", "qat_int8", "dynamic_int8")
 _BLOCK = 4
 _PREFIX = f"{AUTO} -> "
 
@@ -37,18 +38,20 @@ def block_sparsity_4x1(weight: torch.Tensor) -> tuple[int, int]:
     return blocks.numel() - int(blocks.sum()), blocks.numel()
 
 
-def int8_block_sparsity(artifact: Artifact) -> float | None:
-    """Fraction of all-zero 4x1 blocks over the stored int8 weights of the artifact's quantized Linears;
-    None if it lists none. Reads only those tensors from the weights file."""
-    modules = artifact.quantized_modules
-    if not modules:
-        return None
+def block_sparsity(weights: Iterable[torch.Tensor]) -> float | None:
+    """Fraction of all-zero 4x1 blocks over all of `weights`; None if there are no blocks."""
     zero = total = 0
-    with safe_open(str(artifact.path / WEIGHTS), framework="pt") as weights:
-        for name in modules:
-            z, t = block_sparsity_4x1(weights.get_tensor(f"{name}.weight"))
-            zero, total = zero + z, total + t
+    for weight in weights:
+        z, t = block_sparsity_4x1(weight)
+        zero, total = zero + z, total + t
     return zero / total if total else None
+
+
+def int8_block_sparsity(artifact: Artifact) -> float | None:
+    """block_sparsity of the stored int8 weights of the artifact's quantized Linears; None if it lists
+    none. Reads only those tensors from the weights file."""
+    with safe_open(str(artifact.path / WEIGHTS), framework="pt") as weights:
+        return block_sparsity(weights.get_tensor(f"{name}.weight") for name in artifact.quantized_modules)
 
 
 def pick_backend(artifact: Artifact) -> tuple[str, str]:

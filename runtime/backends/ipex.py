@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..artifact import INT8_SCHEMES
 from ..errors import BackendError
 from ..inputs import synthetic_batch
 from .native import calibration_batches, positional_model
@@ -32,7 +33,6 @@ INSTALL = (
     " (README: The IPEX environment)"
 )
 _STATIC_SCHEMES = ("static_int8", "qat_int8")
-_INT8_SCHEMES = (*_STATIC_SCHEMES, "dynamic_int8")
 _WARMUP = 2  # IPEX's TorchScript fuser rewrites the frozen graph during its first calls
 
 
@@ -58,7 +58,7 @@ def ipex_backend(artifact: Artifact, batch_size: int, seq_len: int) -> Runner:
 
     example = trace_example(artifact, batch_size, seq_len)
     bf16 = artifact.scheme == "bf16"
-    if artifact.scheme in _INT8_SCHEMES:
+    if artifact.scheme in INT8_SCHEMES:
         model, precision = _int8_model(artifact, example, batch_size, seq_len)
     else:
         dtype = torch.bfloat16 if bf16 else torch.float32

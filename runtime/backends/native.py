@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..artifact import INT8_SCHEMES
 from ..errors import BackendError
 from ..inputs import fit_rows, synthetic_batch
 from ..modeling import PositionalModel, fast_attention
@@ -22,8 +23,6 @@ from .registry import Runner, register_backend
 
 if TYPE_CHECKING:
     from ..artifact import Artifact
-
-_INT8_SCHEMES = ("static_int8", "qat_int8", "dynamic_int8")
 
 
 def have_compiler() -> bool:
@@ -34,7 +33,7 @@ def have_compiler() -> bool:
 @register_backend("native", available=have_compiler)
 def native(artifact: Artifact, batch_size: int, seq_len: int) -> Runner:
     scheme = artifact.scheme
-    if scheme in _INT8_SCHEMES:
+    if scheme in INT8_SCHEMES:
         return _int8_runner(artifact, batch_size, seq_len)
     if scheme == "bf16":
         model = positional_model(artifact, torch.bfloat16, fast_attention())

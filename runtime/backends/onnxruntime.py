@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..artifact import INT8_SCHEMES
 from ..errors import BackendError
 from ..inputs import synthetic_batch
 from .native import positional_model
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 BACKENDS = ("onnxruntime", "onnxruntime_fp32")
 INSTALL = "pip install onnxruntime onnxscript"
 _REQUIRED = ("onnxruntime", "onnxscript")  # onnxscript: the dynamo ONNX exporter; it brings `onnx` along
-_INT8_SCHEMES = ("static_int8", "qat_int8", "dynamic_int8")
 _NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # node metadata: the module path of each exported op
 _WRAPPER = "model."  # PositionalModel holds the Hugging Face model as `model`
 _INT8_OPS = ("MatMulInteger", "DynamicQuantizeMatMul")
@@ -55,7 +55,7 @@ def ort_installed() -> bool:
 
 def onnxruntime_backend(artifact: Artifact, batch_size: int, seq_len: int) -> Runner:
     """ONNX Runtime at the artifact's precision: dynamic int8 for the int8 schemes, fp32 otherwise."""
-    return build_runner(artifact, batch_size, seq_len, int8=artifact.scheme in _INT8_SCHEMES)
+    return build_runner(artifact, batch_size, seq_len, int8=artifact.scheme in INT8_SCHEMES)
 
 
 def onnxruntime_fp32_backend(artifact: Artifact, batch_size: int, seq_len: int) -> Runner:
@@ -105,7 +105,7 @@ def describe(artifact: Artifact, int8: bool) -> str:
         # fp32, not an error: ONNX Runtime's x86 CPU provider has no bf16 MatMul, and the fp32 row on the
         # bf16-rounded weights is still the baseline the native bf16 session is compared with.
         return f"{prefix} fp32 (bf16 weights upcast)"
-    if artifact.scheme in _INT8_SCHEMES:
+    if artifact.scheme in INT8_SCHEMES:
         return f"{prefix} fp32 (int8 weights dequantized)"
     return f"{prefix} fp32"
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..artifact import INT8_SCHEMES
 from ..errors import BackendError
 from ..kernels.sparse import PackedWeight, kernel_path, load_extension, pack_linear
 from ..modeling import fast_attention
@@ -23,7 +24,6 @@ from .registry import Runner, register_backend
 if TYPE_CHECKING:
     from ..artifact import Artifact
 
-_INT8_SCHEMES = ("static_int8", "qat_int8", "dynamic_int8")
 _X86 = ("x86_64", "amd64", "i386", "i686")
 _UINT8_MAX = 255
 _BLOCK = 4
@@ -176,9 +176,9 @@ class SparseInt8Linear(nn.Module):
 def sparse(artifact: Artifact, batch_size: int, seq_len: int) -> Runner:
     """Run the int8 weights exactly as stored (no requantization), in the packing the artifact carries
     (written at export) or packed here; then compile the whole model."""
-    if artifact.scheme not in _INT8_SCHEMES:
+    if artifact.scheme not in INT8_SCHEMES:
         raise BackendError(
-            f"backend sparse needs an int8 artifact (one of {list(_INT8_SCHEMES)}); {artifact.path} has"
+            f"backend sparse needs an int8 artifact (one of {list(INT8_SCHEMES)}); {artifact.path} has"
             f" scheme {artifact.scheme!r}. Use eager or native, or re-export with int8 quantization"
         )
     modules = artifact.quantized_modules
@@ -187,8 +187,9 @@ def sparse(artifact: Artifact, batch_size: int, seq_len: int) -> Runner:
     model = positional_model(artifact, torch.float32, fast_attention())
     dynamic = artifact.scheme == "dynamic_int8"
     ranges = None if dynamic else observe_input_ranges(model, modules, artifact, batch_size, seq_len)
-    replaced = replace_linears(model.model, artifact.state_dict(), modules, ranges, artifact.packed_weights())
-    return Runner(compile_frozen(model), _describe(artifact, replaced))
+    packed = artifact.packed_weights()
+    replaced = replace_linears(model.model, artifact.state_dict(), modules, ranges, packed)
+    return Runner(compile_frozen(model), _describe(artifact, replaced, packed_at_export=packed is not None))
 
 
 def observe_input_ranges(
@@ -250,13 +251,13 @@ def replace_linears(
     return replaced
 
 
-def _describe(artifact: Artifact, replaced: list[SparseInt8Linear]) -> str:
+def _describe(artifact: Artifact, replaced: list[SparseInt8Linear], packed_at_export: bool) -> str:
     """Name the scheme, kernel path and the work left after pruning (stored blocks / dense blocks)."""
     dense = sum(m.packed.out_features * m.in_features for m in replaced)
     stored = sum(m.packed.density * m.packed.out_features * m.in_features for m in replaced)
     kind = "dynamic" if artifact.scheme == "dynamic_int8" else "static"
     path = kernel_path()
-    packing = "packed at export" if artifact.packed_weights() is not None else "packed at load"
+    packing = "packed at export" if packed_at_export else "packed at load"
     return (
         f"sparse {kind} int8 ({len(replaced)} Linears on the 4x1 block-sparse {path} kernel, {packing},"
         f" block density {stored / dense:.0%}; rest inductor, freezing)"
