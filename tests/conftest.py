@@ -93,3 +93,20 @@ def postgres_url():
     from postgres import postgres_or_skip
 
     yield from postgres_or_skip()
+
+
+@pytest.fixture(scope="module")
+def qa_model() -> BertForQuestionAnswering:
+    """The runtime backend tests' tiny QA BERT: at initializer_range 0.02 its encoder would barely move the
+    logits, so int8 error would hide."""
+    from runtime_helpers import tiny_runtime_model
+
+    return tiny_runtime_model(BertForQuestionAnswering, initializer_range=0.2)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, qa_model, tokenizer) -> dict[str, Path]:
+    """qa_model exported once per quantization scheme (runtime_helpers.scheme_artifacts)."""
+    from runtime_helpers import scheme_artifacts
+
+    return scheme_artifacts(tmp_path_factory.mktemp("artifacts"), qa_model, tokenizer)

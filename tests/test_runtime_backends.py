@@ -3,8 +3,6 @@
 Each native session compiles (seconds even for this tiny model), so there is one per scheme.
 """
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,11 +13,10 @@ from runtime_helpers import (
     QA_TASK,
     SEQ,
     save,
-    scheme_artifacts,
     tiny_runtime_model,
 )
 from torch._dynamo.utils import counters
-from transformers import BertForQuestionAnswering, BertForSequenceClassification
+from transformers import BertForSequenceClassification
 
 from fastcpu_runtime import (
     BackendError,
@@ -37,16 +34,6 @@ from fastcpu_runtime.modeling import PositionalModel
 def tiny_model(model_class, **overrides):
     # at initializer_range 0.02 the encoder barely moves the logits, so int8 error would hide
     return tiny_runtime_model(model_class, initializer_range=0.2, **overrides)
-
-
-@pytest.fixture(scope="module")
-def qa_model():
-    return tiny_model(BertForQuestionAnswering)
-
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory, qa_model, tokenizer) -> dict[str, Path]:
-    return scheme_artifacts(tmp_path_factory.mktemp("artifacts"), qa_model, tokenizer)
 
 
 @pytest.fixture(scope="module")

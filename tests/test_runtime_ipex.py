@@ -5,7 +5,6 @@ IPEX pins torch 2.8, so these parity tests run in the separate IPEX environment 
 """
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,25 +13,11 @@ from runtime_helpers import (
     SEQ,
     eager_outputs,
     logits_cosine,
-    scheme_artifacts,
-    tiny_runtime_model,
 )
-from transformers import BertForQuestionAnswering
 
 from fastcpu_runtime import BackendError, available_backends, create_session
 
 HAVE_IPEX = importlib.util.find_spec("intel_extension_for_pytorch") is not None
-
-
-@pytest.fixture(scope="module")
-def qa_model():
-    # at initializer_range 0.02 the encoder barely moves the logits, so int8 error would hide
-    return tiny_runtime_model(BertForQuestionAnswering, initializer_range=0.2)
-
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory, qa_model, tokenizer) -> dict[str, Path]:
-    return scheme_artifacts(tmp_path_factory.mktemp("artifacts"), qa_model, tokenizer)
 
 
 @pytest.fixture(scope="module")

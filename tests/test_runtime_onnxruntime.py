@@ -4,8 +4,6 @@ the listed Linears with the stored int8 weights, and forcing fp32 on an int8 art
 Each session exports the model to ONNX (about a second for this tiny model), so there is one per case.
 """
 
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("onnxruntime")
@@ -19,10 +17,7 @@ from runtime_helpers import (  # noqa: E402
     SEQ,
     eager_outputs,
     logits_cosine,
-    scheme_artifacts,
-    tiny_runtime_model,
 )
-from transformers import BertForQuestionAnswering  # noqa: E402
 
 from fastcpu_runtime import Session, available_backends, create_session, load_artifact  # noqa: E402
 from fastcpu_runtime.backends import get_backend  # noqa: E402
@@ -32,17 +27,6 @@ from fastcpu_runtime.backends.onnxruntime import (  # noqa: E402
     linear_nodes,
     quantize_int8,
 )
-
-
-@pytest.fixture(scope="module")
-def qa_model():
-    # at initializer_range 0.02 the encoder barely moves the logits, so int8 error would hide
-    return tiny_runtime_model(BertForQuestionAnswering, initializer_range=0.2)
-
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory, qa_model, tokenizer) -> dict[str, Path]:
-    return scheme_artifacts(tmp_path_factory.mktemp("artifacts"), qa_model, tokenizer)
 
 
 def assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:

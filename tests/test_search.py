@@ -5,7 +5,6 @@ the feasible complete trials; a failing trial, a constraint and an interruption 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -60,6 +59,12 @@ def study_command(
         f"teacher.cache_dir={workdir / 'cache'}",
         f"hydra.run.dir={workdir / out}",
     ]
+
+
+def rerun(command: list[str], workdir: Path, out: str) -> subprocess.CompletedProcess:
+    """`command` (a study_command) run again to completion, writing its outputs to `out`."""
+    again = command[:-1] + [f"hydra.run.dir={workdir / out}"]
+    return subprocess.run(again, cwd=workdir, capture_output=True, text=True, timeout=900)
 
 
 def storage(workdir: Path) -> str:
@@ -289,14 +294,7 @@ def test_interrupted_study_resumes_and_keeps_completed_trials(study):
     kept = {t.number: t.values for t in interrupted if t.state == TrialState.COMPLETE}
     assert kept and not any(t.state == TrialState.RUNNING for t in interrupted)
 
-    done = subprocess.run(
-        command[:-1] + [f"hydra.run.dir={workdir / 'second'}"],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=os.environ,
-    )
+    done = rerun(command, workdir, "second")
     assert done.returncode == 0, done.stderr[-4000:]
     final = optuna.load_study(study_name="resumed", storage=storage(workdir)).trials
     complete = {t.number: t.values for t in final if t.state == TrialState.COMPLETE}
@@ -316,13 +314,7 @@ def test_killed_worker_trial_is_failed_by_heartbeat_and_study_goes_on(study):
     (orphan,) = [t for t in optuna.load_study(study_name="killed", storage=storage(workdir)).trials]
     assert orphan.state == TrialState.RUNNING
 
-    done = subprocess.run(
-        command[:-1] + [f"hydra.run.dir={workdir / 'after_kill'}"],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    done = rerun(command, workdir, "after_kill")
     assert done.returncode == 0, done.stderr[-4000:]
     trials = optuna.load_study(study_name="killed", storage=storage(workdir)).trials
     assert trials[orphan.number].state == TrialState.FAIL
