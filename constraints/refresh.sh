@@ -29,9 +29,11 @@ lock() {
         echo "# Lock for the $name environment: \`pip install -c constraints/$name.txt -e \".[...]\"\`."
         echo "# Written by constraints/refresh.sh from pyproject.toml (torch==$torch, extras $extras) on"
         echo "# $(date -u +%F), $("$venv/bin/python" -c 'import platform; print("Python", platform.python_version(), platform.system(), platform.machine())'). Do not edit by hand."
-        # Local version labels (torch's `+cpu` from a local wheel) are dropped: the index has no such name,
-        # and `torch==2.13.0` still matches a local `2.13.0+cpu` wheel where one is offered.
-        "$venv/bin/pip" freeze --exclude-editable | sed -E 's/\+[A-Za-z0-9.]+$//' | LC_ALL=C sort -f
+        # --all keeps setuptools (torch needs it at run time); pip itself stays out. Local version labels
+        # (torch's `+cpu` from a local wheel) are dropped: the index has no such name, and `torch==2.13.0`
+        # still matches a local `2.13.0+cpu` wheel where one is offered.
+        "$venv/bin/pip" freeze --all --exclude-editable | grep -v '^pip==' | sed -E 's/\+[A-Za-z0-9.]+$//' |
+            LC_ALL=C sort -f
     } >"$work/$name.txt"
     echo "constraints/$name.txt: $(grep -vc '^#' "$work/$name.txt") pins"
 }

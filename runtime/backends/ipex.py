@@ -29,8 +29,7 @@ if TYPE_CHECKING:
 NAME = "ipex"
 INSTALL = (
     "it needs torch 2.8 in its own environment: python3 -m venv ipexenv && ipexenv/bin/pip install"
-    ' torch==2.8.0 intel-extension-for-pytorch==2.8.0 && ipexenv/bin/pip install -e ".[ipex]"'
-    " (README: The IPEX environment)"
+    ' -c constraints/ipex.txt -e ".[dev,ipex]" (README: The IPEX environment)'
 )
 _STATIC_SCHEMES = ("static_int8", "qat_int8")
 _WARMUP = 2  # IPEX's TorchScript fuser rewrites the frozen graph during its first calls
