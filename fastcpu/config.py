@@ -149,7 +149,7 @@ def check_range(
 class Registry(Generic[T]):
     """Maps a method name to its config dataclass and implementation, for one config group.
 
-    Adding a method is adding a dataclass and a function decorated with `register`.
+    Adding a method is adding a dataclass and a function or class decorated with `register`.
     """
 
     def __init__(self, group: str, discriminator: str = "name") -> None:
@@ -180,5 +180,9 @@ class Registry(Generic[T]):
         return build(self._entries[name][0], node, key)
 
     def implementation(self, config: Any) -> Callable:
-        """The function registered for this config object's method."""
+        """The function (or class) registered for this config object's method."""
         return self._entries[getattr(config, self.discriminator)][1]
+
+    def create(self, config: Any, **context: Any) -> Any:
+        """The registered implementation built for `config`: `implementation(config)(config, **context)`."""
+        return self.implementation(config)(config, **context)

@@ -23,9 +23,12 @@ def export_artifact(
     pruning: dict,
     calibration_features: Features,
     max_seq_length: int,
+    quantization_record: dict | None = None,
 ) -> Path:
-    """Write the artifact; `pruning` is what the pruner's `finalize()` reported."""
+    """Write the artifact; `pruning` and `quantization_record` are what the pruner's and the scheme's
+    `finalize` reported."""
     state_dict, quantization_entry = export_state_dict(quantization, model)
+    quantization_entry |= quantization_record or {}
     n_calibration = calibration_samples(quantization)
     calibration = calibration_features.subset(n_calibration).inputs if n_calibration else None
     manifest = {

@@ -1,9 +1,10 @@
 """The `quantization` config group: the numeric scheme the deployed student runs in.
 
 A scheme is a config dataclass whose `weights` says how the artifact stores the weights (int8 per
-output channel, bf16 or fp32) and whose registered function prepares the student for training
-(fake quantization for QAT; nothing for the others). The runtime reads the scheme from the
-artifact's manifest and calibrates static activation ranges on the samples the artifact carries.
+output channel, bf16 or fp32), registered with its `Method`: post-training schemes leave training alone;
+`qat_int8` trains through fake int8 rounding once its `start` step is reached. The runtime reads the
+scheme from the artifact's manifest and calibrates static activation ranges on the samples the artifact
+carries.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from fastcpu_runtime import quantize_per_channel
 
 from .architectures import encoder_linears
 from .config import Registry, check_range
+from .methods import Method
 
 SCHEMES: Registry = Registry("quantization", discriminator="scheme")
 
@@ -53,6 +55,11 @@ class StaticInt8:
 @dataclass
 class QatInt8(StaticInt8):
     scheme: str = "qat_int8"  # static int8, trained with fake-quantized weights and activations
+    start: float = 0.0  # fraction of training after which rounding is on (pruning's `end`: the frozen masks)
+
+    def validate(self, key: str) -> None:
+        super().validate(key)
+        check_range(f"{key}.start", self.start, 0.0, 1.0)
 
 
 class FakeQuantLinear(nn.Linear):
@@ -68,6 +75,7 @@ class FakeQuantLinear(nn.Linear):
         self.register_buffer("input_min", torch.tensor(0.0), persistent=False)
         self.register_buffer("input_max", torch.tensor(0.0), persistent=False)
         self.register_buffer("initialised", torch.tensor(False), persistent=False)
+        self.rounding = True  # False: observe the input range only, compute in float
 
     def _observe(self, x: torch.Tensor) -> None:
         low, high = x.detach().min().float(), x.detach().max().float()
@@ -90,6 +98,10 @@ class FakeQuantLinear(nn.Linear):
         return torch.fake_quantize_per_channel_affine(self.weight, scale, zero_point, 0, -127, 127)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.rounding:
+            if self.training:
+                self._observe(x)
+            return nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
         weight = self._fake_quant_weight().to(x.dtype)
         return nn.functional.linear(self._fake_quant_input(x), weight, self.bias)
 
@@ -98,30 +110,48 @@ class FakeQuantLinear(nn.Linear):
 @SCHEMES.register("bf16", Bf16)
 @SCHEMES.register("dynamic_int8", DynamicInt8)
 @SCHEMES.register("static_int8", StaticInt8)
-def train_in_float(config, model: nn.Module) -> None:
-    """Post-training schemes: the student trains in floating point."""
+class PostTrainingQuantization(Method):
+    """Post-training schemes: the student trains in floating point; export quantizes it."""
+
+    def __init__(self, config, total_steps: int) -> None:
+        self.config = config
+        self.total_steps = total_steps
 
 
 @SCHEMES.register("qat_int8", QatInt8)
-def insert_fake_quant(config: QatInt8, model: nn.Module) -> None:
-    """QAT: every encoder Linear trains through int8 rounding."""
-    for name, linear in encoder_linears(model).items():
-        owner, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(owner), attr, FakeQuantLinear(linear))
+class QuantizationAwareTraining(PostTrainingQuantization):
+    """Every encoder Linear trains through int8 rounding from the `start` step on; finalize swaps the
+    plain Linears back (same parameters) and reports the activation ranges learned."""
 
+    config: QatInt8
 
-def prepare_training(config, model: nn.Module) -> None:
-    SCHEMES.implementation(config)(config, model)
+    def prepare(self, model: nn.Module) -> None:
+        self.fake_quant = {}
+        for name, linear in encoder_linears(model).items():
+            owner, _, attr = name.rpartition(".")
+            self.fake_quant[name] = FakeQuantLinear(linear)
+            setattr(model.get_submodule(owner), attr, self.fake_quant[name])
+        self.before_step(0)
 
+    def before_step(self, step: int) -> None:
+        rounding = step >= round(self.config.start * self.total_steps)
+        for module in self.fake_quant.values():
+            module.rounding = rounding
 
-def finish_training(model: nn.Module) -> None:
-    """Swap fake-quant Linears back to plain ones (same parameters) before export."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, FakeQuantLinear):
+    def finalize(self, model: nn.Module) -> dict:
+        ranges = {}
+        for name, module in self.fake_quant.items():
             plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
             plain.weight, plain.bias = module.weight, module.bias
             owner, _, attr = name.rpartition(".")
             setattr(model.get_submodule(owner), attr, plain)
+            ranges[name] = [module.input_min.item(), module.input_max.item()]
+        return {"activation_ranges": ranges}
+
+
+def make_quantizer(config, total_steps: int) -> Method:
+    """The Method registered for this config's scheme."""
+    return SCHEMES.create(config, total_steps=total_steps)
 
 
 def calibration_samples(config) -> int:

@@ -25,7 +25,6 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from . import __version__
 from .config import ConfigError, check_range
-from .distillation import NoDistillation, make_loss
 from .evaluation import evaluate, module_runner
 from .tasks.base import Task
 from .training import TrainingConfig, seed_everything, train
@@ -44,11 +43,13 @@ class TeacherConfig:
         "auto"  # auto: only when the model has no head for the task
     )
     training: TrainingConfig = field(default_factory=TrainingConfig)  # budget of that fine-tuning
-    cache_dir: str = "~/.cache/fastcpu"  # tuned teachers and teacher scores, keyed by hash
+    cache_dir: str = "~/.cache/fastcpu"  # tuned teachers, their scores and outputs, keyed by hash
     eval_batch_size: int = 32
+    outputs_cache_mb: float = 2048  # teacher outputs on the training rows kept for every trial; 0: live
 
     def validate(self, key: str) -> None:
         check_range(f"{key}.eval_batch_size", self.eval_batch_size, 1)
+        check_range(f"{key}.outputs_cache_mb", self.outputs_cache_mb, 0.0)
 
 
 @dataclass
@@ -161,7 +162,6 @@ def _finetune(
         train_features,
         config.training,
         seed=seed,
-        loss_fn=make_loss(NoDistillation()),
         description="teacher fine-tuning",
     )
     metrics = _score(model, tokenizer, task, config)

@@ -1,25 +1,24 @@
 """The `training` config group and the one training loop both the teacher and the student use.
 
-The loop knows nothing about particular compression methods: it takes a distillation loss, a
-pruner and (through the model itself) fake quantization, and calls each at its point in a step.
+The loop knows no compression method: it calls the hooks of the `Method`s it is given (fastcpu.methods)
+at their points in each step, and asks the teacher's outputs only when a method needs them.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import check_range
-from .distillation import DistillationLoss
-from .pruning import Pruner
+from .config import ConfigError, check_range
+from .methods import Batch, Method, ModelOutputs, Needs, model_outputs, request_attention_maps
 from .tasks.base import Features, Task
 
 
@@ -33,6 +32,7 @@ class TrainingConfig:
     warmup_ratio: float = 0.1  # linear warm-up over this fraction of steps, then linear decay to 0
     max_grad_norm: float = 1.0
     precision: Literal["fp32", "bf16"] = "bf16"  # autocast dtype of forward/backward; weights stay fp32
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available, else CPU
 
     def validate(self, key: str) -> None:
         check_range(f"{key}.epochs", self.epochs, 0.0, low_open=True)
@@ -57,21 +57,47 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def logits_of(outputs, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The task's named logits from a Hugging Face model output."""
-    return {name: outputs[name] for name in names}
+@dataclass
+class TrainingResult:
+    summary: dict[str, float]  # steps, final (smoothed) loss
+    records: list[dict]  # what each method's `finalize` returned, in the order the methods were given
+
+
+def training_device(setting: str) -> torch.device:
+    """The device `training.device` names; `cuda` without a GPU is an error saying what was found."""
+    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        found = "a CPU-only build of PyTorch" if torch.version.cuda is None else "no CUDA device"
+        raise ConfigError(
+            f"training.device=cuda but PyTorch {torch.__version__} finds {found}; "
+            "use training.device=auto or cpu"
+        )
+    return torch.device("cuda")
+
+
+class TeacherOutputs(Protocol):
+    """The teacher's outputs for a batch of training rows (fastcpu.teacher_outputs: live or cached)."""
+
+    def prepare(self, needs: Needs, autocast: torch.autocast, device: torch.device) -> None: ...
+
+    def __call__(self, rows: torch.Tensor, inputs: dict[str, torch.Tensor], needs: Needs) -> ModelOutputs: ...
+
+    def finish(self) -> None: ...
 
 
 def _endless_batches(
     features: Features, batch_size: int, generator: torch.Generator
-) -> Iterator[tuple[dict, dict]]:
+) -> Iterator[tuple[torch.Tensor, dict, dict]]:
+    """(rows, inputs, labels) forever, reshuffled every epoch."""
     while True:
-        yield from features.batches(batch_size, shuffle=True, generator=generator)
+        yield from features.indexed_batches(batch_size, shuffle=True, generator=generator)
 
 
-def _optimizer(model: nn.Module, config: TrainingConfig) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases and LayerNorm weights (the BERT convention)."""
-    decay, no_decay = [], []
+def _optimizer(model: nn.Module, config: TrainingConfig, extra: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases and LayerNorm weights (the BERT convention); the methods' own
+    parameters (projections, scores) without decay either."""
+    decay, no_decay = [], list(extra)
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
@@ -100,42 +126,65 @@ def train(
     config: TrainingConfig,
     *,
     seed: int,
-    loss_fn: DistillationLoss,
-    teacher: nn.Module | None = None,
-    pruner: Pruner | None = None,
+    methods: Sequence[Method] = (),
+    teacher: TeacherOutputs | None = None,
     description: str = "training",
-) -> dict[str, float]:
-    """Train `model` in place; returns summary figures (steps, final loss)."""
+) -> TrainingResult:
+    """Train `model` in place through the methods' whole lifecycle (fastcpu.methods), finalize included;
+    returns summary figures and each method's record, in the order of `methods`. The model ends in eval
+    mode on the CPU, ready for export."""
+    device = training_device(config.device)
     generator = seed_everything(seed)
     total = config.total_steps(len(features))
-    optimizer = _optimizer(model, config)
+    model.to(device)
+    for method in methods:
+        method.prepare(model)
+    needs = Needs()
+    for method in methods:
+        needs = needs | method.needs
+    if needs.teacher and teacher is None:
+        raise ValueError("a method needs the teacher's outputs, but no teacher was given")
+    if needs.attentions:
+        request_attention_maps(model, "student")
+    extra = [p for method in methods for p in method.parameters()]
+    optimizer = _optimizer(model, config, extra)
     scheduler = _linear_schedule(optimizer, round(config.warmup_ratio * total), total)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    if needs.teacher:
+        teacher.prepare(needs, autocast, device)
     batches = _endless_batches(features, config.batch_size, generator)
+    trained = [p for p in model.parameters() if p.requires_grad] + extra
     model.train()
-    if teacher is not None:
-        teacher.eval()
     running = None
     progress = tqdm(range(total), desc=description, unit="step", dynamic_ncols=True)
     for step in progress:
-        if pruner is not None:
-            pruner.update(step)
-        inputs, labels = next(batches)
+        for method in methods:
+            method.before_step(step)
+        rows, inputs, labels = next(batches)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        labels = {k: v.to(device) for k, v in labels.items()}
         with autocast:
-            student_logits = logits_of(model(**inputs), task.output_names)
-            teacher_logits = None
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = logits_of(teacher(**inputs), task.output_names)
-            loss = loss_fn(task.task_loss(student_logits, labels), student_logits, teacher_logits)
+            student = model_outputs(model, inputs, task.output_names, needs)
+            teacher_outputs = teacher(rows, inputs, needs) if needs.teacher else None
+            batch = Batch(inputs, labels, student, teacher_outputs)
+            loss = task.task_loss(student.logits, labels)
+            for method in methods:
+                loss = method.loss(loss, batch)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        for method in methods:
+            method.after_backward(step)
+        nn.utils.clip_grad_norm_(trained, config.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if pruner is not None:
-            pruner.apply_masks()
+        for method in methods:
+            method.after_optimizer_step(step)
         running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
         progress.set_postfix(loss=f"{running:.3f}")
     model.eval()
-    return {"steps": total, "final_loss": float(running)}
+    if needs.teacher:
+        teacher.finish()
+    # Last prepared, first finalized: a method undoes its changes before the one it wrapped.
+    records = [method.finalize(model) for method in reversed(methods)][::-1]
+    model.to("cpu")
+    return TrainingResult({"steps": total, "final_loss": float(running)}, records)

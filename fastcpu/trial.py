@@ -18,17 +18,17 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import quantization
 from .config import ConfigError, build, to_plain
-from .distillation import DISTILLERS, make_loss, needs_teacher
+from .distillation import DistillationConfig, Distiller, build_distillation
 from .export import export_artifact
 from .measure import MEASURED, RuntimeConfig, measure_artifact
-from .pruning import PRUNERS, NoPruning, make_pruner
-from .quantization import SCHEMES
+from .pruning import PRUNERS, make_pruner
+from .quantization import SCHEMES, NoQuantization, make_quantizer
 from .student import StudentConfig, make_student
 from .tasks import build_task_config, make_task
 from .tasks.base import Task
 from .teacher import Teacher, TeacherConfig, prepare_teacher
+from .teacher_outputs import CachedTeacher
 from .tracking import TrackingConfig, flatten, trial_run
 from .training import TrainingConfig, train
 
@@ -56,7 +56,7 @@ class TrialConfig:
     student: StudentConfig
     training: TrainingConfig
     pruning: Any
-    distillation: Any
+    distillation: DistillationConfig
     quantization: Any
     runtime: RuntimeConfig
     tracking: TrackingConfig
@@ -81,7 +81,7 @@ class TrialConfig:
             student=build(StudentConfig, tree.get("student"), "student"),
             training=build(TrainingConfig, tree.get("training"), "training"),
             pruning=PRUNERS.build(tree.get("pruning")),
-            distillation=DISTILLERS.build(tree.get("distillation")),
+            distillation=build_distillation(tree.get("distillation")),
             quantization=SCHEMES.build(tree.get("quantization")),
             runtime=build(RuntimeConfig, tree.get("runtime"), "runtime"),
             tracking=build(TrackingConfig, tree.get("tracking"), "tracking"),
@@ -141,24 +141,31 @@ def run_trial(
         train_features = task.train_features(teacher.tokenizer, input_names)
         eval_features = task.eval_features(teacher.tokenizer, input_names)
         student = make_student(teacher.model, config.student)
-        quantization.prepare_training(config.quantization, student)
         total_steps = config.training.total_steps(len(train_features))
-        pruner = make_pruner(config.pruning, student, total_steps)
+        methods = [
+            make_pruner(config.pruning, total_steps),
+            make_quantizer(config.quantization, total_steps),
+            Distiller(config.distillation, teacher.model.config),
+        ]
         started = time.perf_counter()
-        summary = train(
+        trained = train(
             student,
             task,
             train_features,
             config.training,
             seed=config.seed,
-            loss_fn=make_loss(config.distillation),
-            teacher=teacher.model if needs_teacher(config.distillation) else None,
-            pruner=pruner,
+            methods=methods,
+            teacher=CachedTeacher(
+                teacher.model,
+                task.output_names,
+                train_features,
+                config.teacher.cache_dir,
+                config.teacher.outputs_cache_mb,
+            ),
             description="student training",
         )
-        summary["seconds"] = time.perf_counter() - started
-        quantization.finish_training(student)
-        pruning = pruner.finalize()
+        summary = trained.summary | {"seconds": time.perf_counter() - started}
+        pruning, quantization_record, _ = trained.records
 
         artifact_dir = output_dir / "artifact"
         export_artifact(
@@ -170,6 +177,7 @@ def run_trial(
             pruning,
             train_features,
             config.task.max_seq_length,
+            quantization_record,
         )
         result, predictions = measure_artifact(artifact_dir, task, eval_features, config.runtime)
         metric = task.primary_metric
@@ -217,8 +225,8 @@ def measure_uncompressed(
         teacher.model,
         teacher.tokenizer,
         task,
-        quantization.NoQuantization(),
-        make_pruner(NoPruning(), teacher.model, 0).finalize(),
+        NoQuantization(),
+        {"method": "none"},
         eval_features,
         config.task.max_seq_length,
     )

@@ -11,6 +11,7 @@ import yaml
 from conftest import CONF, compose_config
 
 from fastcpu.config import ConfigError
+from fastcpu.distillation import DistillationConfig, TermConfig
 from fastcpu.measure import RuntimeConfig
 from fastcpu.trial import TrialConfig
 from fastcpu_runtime import AUTO, available_backends
@@ -60,7 +61,9 @@ def test_main_experiment_settings():
     config = TrialConfig.from_hydra(compose_config(["+experiment=squad"]))
     assert config.pruning.pattern == "4x1"
     assert config.quantization.scheme == "static_int8"
-    assert config.distillation.temperature == 2.0 and config.distillation.alpha == 0.5
+    assert config.distillation.task_weight == 0.5
+    kd = config.distillation.terms["logit_kd"]
+    assert (kd.weight, kd.temperature, kd.skew) == (0.5, 2.0, 0.0)
     assert config.student.layers == [0, 2, 4]
     assert config.task.train_file.endswith("squad_sample.json")
 
@@ -70,8 +73,21 @@ def test_main_experiment_settings():
     [
         ("pruning.sparsity=1.5", "pruning.sparsity=1.5 is out of range; allowed: [0.0, 1.0)"),
         ("quantization.scheme=int4", "quantization.scheme='int4' is unknown; allowed: bf16, dynamic_int8"),
-        ("distillation.temperature=0", "distillation.temperature=0.0 is out of range; allowed: (0.0, inf]"),
-        ("distillation.alpha=2", "distillation.alpha=2.0 is out of range"),
+        (
+            "distillation.logit_kd.temperature=0",
+            "distillation.logit_kd.temperature=0.0 is out of range; allowed: (0.0, inf]",
+        ),
+        (
+            "distillation.logit_kd.skew=1",
+            "distillation.logit_kd.skew=1.0 is out of range; allowed: [0.0, 1.0)",
+        ),
+        (
+            "+distillation.hidden={weight: 1}",
+            "distillation.hidden is not a distillation term; allowed: task_weight",
+        ),
+        ("+distillation.logit_kd.alpha=0.5", "distillation.logit_kd: unknown key(s) ['alpha']"),
+        ("pruning.scope=model", "pruning.scope='model' is not allowed; allowed: layer, global"),
+        ("training.device=tpu", "training.device='tpu' is not allowed; allowed: auto, cpu, cuda"),
         ("pruning.pattern=2x2", "pruning.pattern='2x2' is not allowed; allowed: unstructured, 4x1"),
         ("+pruning.sparsty=0.5", "pruning: unknown key(s) ['sparsty']"),
         ("training.batch_size=zero", "training.batch_size must be an integer"),
@@ -87,6 +103,20 @@ def test_bad_value_names_key_and_allowed(override, message):
     assert message in str(error.value)
 
 
+def test_a_loss_whose_weights_are_all_zero_is_refused():
+    overrides = ["+experiment=squad", "distillation.task_weight=0", "distillation.logit_kd.weight=0"]
+    with pytest.raises(ConfigError, match="every weight of the loss is zero"):
+        TrialConfig.from_hydra(compose_config(overrides))
+
+
+def test_option_files_inherit_their_base():
+    """magnitude_unstructured states only its pattern; the rest comes from magnitude_4x1."""
+    base = TrialConfig.from_hydra(compose_config(["pruning=magnitude_4x1"])).pruning
+    derived = TrialConfig.from_hydra(compose_config(["pruning=magnitude_unstructured"])).pruning
+    assert derived == dataclasses.replace(base, pattern="unstructured")
+    assert "sparsity" not in (CONF / "pruning" / "magnitude_unstructured.yaml").read_text()
+
+
 def test_missing_backend_is_refused_with_its_install_hint():
     if "ipex" in available_backends():
         pytest.skip("IPEX is installed in this environment")
@@ -95,7 +125,7 @@ def test_missing_backend_is_refused_with_its_install_hint():
     assert "runtime.backend='ipex' is not available (intel_extension_for_pytorch not installed;" in str(
         error.value
     )
-    assert "intel-extension-for-pytorch==2.8.0" in str(error.value)
+    assert "-c constraints/ipex.txt" in str(error.value)
 
 
 def test_cli_rejects_bad_value_before_any_work(tmp_path):
@@ -117,11 +147,20 @@ def test_every_setting_is_in_the_yaml(group, option):
     skip_missing_backend(group, option)
     built = getattr(TrialConfig.from_hydra(compose_config([f"{group}={option}"])), group)
     composed = compose_config([f"{group}={option}"])[group]
-    for field in dataclasses.fields(built):
-        assert field.name in composed, f"conf/{group}/{option}.yaml lacks {field.name}"
-        if dataclasses.is_dataclass(getattr(built, field.name)):
-            nested = {f.name for f in dataclasses.fields(getattr(built, field.name))}
-            assert nested <= set(composed[field.name]), f"conf/{group}/{option}.yaml {field.name}"
+    for name, value in yaml_settings(built).items():
+        assert name in composed, f"conf/{group}/{option}.yaml lacks {name}"
+        if dataclasses.is_dataclass(value):
+            nested = set(yaml_settings(value))
+            assert nested <= set(composed[name]), f"conf/{group}/{option}.yaml {name}"
+
+
+def yaml_settings(built) -> dict:
+    """The settings a group's YAML must name, as the built config holds them: a distillation names its
+    terms by key (the term's `name` is that key)."""
+    if isinstance(built, DistillationConfig):
+        return {"task_weight": built.task_weight, **built.terms}
+    skip = {"name"} if isinstance(built, TermConfig) else set()
+    return {f.name: getattr(built, f.name) for f in dataclasses.fields(built) if f.name not in skip}
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -9,10 +9,9 @@ from conftest import MINILM, tiny_squad_task
 from transformers import AutoModelForQuestionAnswering
 
 import fastcpu_runtime as rt
-from fastcpu.distillation import NoDistillation, make_loss
 from fastcpu.export import export_artifact
 from fastcpu.pruning import MagnitudePruning, StructuredPruning, make_pruner
-from fastcpu.quantization import SCHEMES, finish_training, prepare_training
+from fastcpu.quantization import SCHEMES, make_quantizer
 from fastcpu.student import StudentConfig, make_student
 from fastcpu.training import TrainingConfig, train
 
@@ -38,12 +37,11 @@ def student_for(scheme: str, pruning, task, features) -> torch.nn.Module:
     student = make_student(teacher, StudentConfig(layers=[0, 3]))
     calibration = {"calibration_samples": 16} if scheme in ("static_int8", "qat_int8") else {}
     quantization = SCHEMES.build({"scheme": scheme, **calibration})
-    prepare_training(quantization, student)
     config = TrainingConfig(max_steps=8, batch_size=8, learning_rate=3e-4, precision="fp32")
-    pruner = make_pruner(pruning, student, config.total_steps(len(features[0])))
-    train(student, task, features[0], config, seed=0, loss_fn=make_loss(NoDistillation()), pruner=pruner)
-    finish_training(student)
-    return student, quantization, pruner.finalize()
+    steps = config.total_steps(len(features[0]))
+    methods = [make_pruner(pruning, steps), make_quantizer(quantization, steps)]
+    pruned, _ = train(student, task, features[0], config, seed=0, methods=methods).records
+    return student, quantization, pruned
 
 
 def export_and_session(tmp_path, student, quantization, pruning, task, features, tokenizer, backend):

@@ -1,34 +1,37 @@
-"""Pruning: cubic schedule values, exact achieved sparsity, 4x1 block structure, frozen masks and
-structured compaction that leaves the outputs unchanged."""
+"""Pruning: cubic schedule values, the schedule followed during real training, exact achieved sparsity,
+4x1 block structure, global scope, frozen masks and structured compaction that leaves the outputs
+unchanged."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_bert_config
+from conftest import tiny_bert_config, tiny_bert_model, tiny_squad_task
 from transformers import BertForQuestionAnswering
 
 from fastcpu.architectures import encoder_linears
+from fastcpu.methods import Method
 from fastcpu.pruning import (
     MagnitudePruning,
     Schedule,
     StructuredPruning,
-    cubic_sparsity,
     magnitude_mask,
     make_pruner,
+    select_units,
     sparsity_report,
 )
+from fastcpu.training import TrainingConfig, train
 
 
 def test_cubic_schedule_values():
     schedule = Schedule(start=0.1, end=0.6, frequency=1)
     # 100 steps: pruning runs from step 10 to step 60.
-    assert cubic_sparsity(0, 100, 0.8, schedule) == 0.0
-    assert cubic_sparsity(10, 100, 0.8, schedule) == 0.0
-    assert cubic_sparsity(35, 100, 0.8, schedule) == pytest.approx(0.8 * (1 - 0.5**3))
-    assert cubic_sparsity(60, 100, 0.8, schedule) == 0.8
-    assert cubic_sparsity(99, 100, 0.8, schedule) == 0.8
-    values = [cubic_sparsity(s, 100, 0.8, schedule) for s in range(100)]
+    assert schedule.sparsity_at(0, 100, 0.8) == 0.0
+    assert schedule.sparsity_at(10, 100, 0.8) == 0.0
+    assert schedule.sparsity_at(35, 100, 0.8) == pytest.approx(0.8 * (1 - 0.5**3))
+    assert schedule.sparsity_at(60, 100, 0.8) == 0.8
+    assert schedule.sparsity_at(99, 100, 0.8) == 0.8
+    values = [schedule.sparsity_at(s, 100, 0.8) for s in range(100)]
     assert values == sorted(values)  # never decreases
 
 
@@ -59,20 +62,27 @@ def test_magnitude_pruner_reaches_target_and_freezes_masks():
     torch.manual_seed(0)
     model = BertForQuestionAnswering(tiny_bert_config())
     config = MagnitudePruning(sparsity=0.8, pattern="4x1", start=0.0, end=0.5, frequency=2)
-    pruner = make_pruner(config, model, total_steps=20)
+    pruner = make_pruner(config, total_steps=20)
+    pruner.prepare(model)
     masks_at_end = None
     for step in range(20):
-        pruner.update(step)
+        pruner.before_step(step)
         with torch.no_grad():  # stands in for an optimizer step that would revive pruned weights
             for module in encoder_linears(model).values():
                 module.weight.add_(0.01 * torch.randn_like(module.weight))
-        pruner.apply_masks()
+        pruner.after_optimizer_step(step)
         if step == 10:
             masks_at_end = {k: v.clone() for k, v in pruner.masks.items()}
     assert all(torch.equal(masks_at_end[k], pruner.masks[k]) for k in masks_at_end)
-    info = pruner.finalize()
+    info = pruner.finalize(model)
     report = sparsity_report(model)
-    assert info == {"method": "magnitude", "pattern": "4x1", "target": 0.8}
+    assert {k: info[k] for k in ("method", "pattern", "scope", "target")} == {
+        "method": "magnitude",
+        "pattern": "4x1",
+        "scope": "layer",
+        "target": 0.8,
+    }
+    assert info["per_layer"] == pytest.approx({k: report["per_layer"][k] for k in info["per_layer"]})
     for name, module in encoder_linears(model).items():  # exactly round(0.8 * blocks) zero 4x1 blocks
         blocks = module.weight.numel() // 4
         assert report["per_layer"][name] == round(0.8 * blocks) / blocks
@@ -86,16 +96,17 @@ def test_structured_pruning_compacts_without_changing_outputs():
     torch.manual_seed(0)
     model = BertForQuestionAnswering(tiny_bert_config()).eval()
     config = StructuredPruning(heads=0.5, ffn=0.5, start=0.0, end=0.5, frequency=1)
-    pruner = make_pruner(config, model, total_steps=4)
+    pruner = make_pruner(config, total_steps=4)
+    pruner.prepare(model)
     for step in range(4):
-        pruner.update(step)
+        pruner.before_step(step)
     inputs = {
         "input_ids": torch.randint(1000, 2000, (2, 24)),
         "attention_mask": torch.ones(2, 24, dtype=torch.long),
     }
     with torch.no_grad():
         masked = model(**inputs).start_logits
-    info = pruner.finalize()
+    info = pruner.finalize(model)
     with torch.no_grad():
         compact = model(**inputs).start_logits
     assert info["heads_per_layer"] == [2, 2] and info["ffn_per_layer"] == [64, 64]
@@ -106,3 +117,58 @@ def test_structured_pruning_compacts_without_changing_outputs():
     assert layer.output.dense.weight.shape == (64, 64)
     torch.testing.assert_close(compact, masked, atol=1e-5, rtol=1e-5)
     assert sparsity_report(model)["overall"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_global_scope_gives_each_layer_its_own_sparsity_and_hits_the_target_overall():
+    """One threshold over all units: a layer of small weights gives up more than a layer of large ones,
+    and exactly round(sparsity * all units) units go."""
+    generator = torch.Generator().manual_seed(0)
+    scores = {
+        "small": torch.rand(16, 32, generator=generator),
+        "large": 3 * torch.rand(16, 32, generator=generator),
+        "mixed": 2 * torch.rand(8, 32, generator=generator),
+    }
+    keep = select_units(scores, 0.6, "global")
+    pruned = {name: int((~k).sum()) for name, k in keep.items()}
+    assert sum(pruned.values()) == round(0.6 * sum(s.numel() for s in scores.values()))
+    fractions = {name: pruned[name] / scores[name].numel() for name in scores}
+    assert fractions["small"] > fractions["mixed"] > fractions["large"]
+    threshold = max(scores[n][~keep[n]].max() for n in scores)
+    assert all(scores[n][keep[n]].min() >= threshold for n in scores)
+    layer = select_units(scores, 0.6, "layer")
+    assert {int((~k).sum()) for k in layer.values()} == {round(0.6 * 16 * 32), round(0.6 * 8 * 32)}
+
+
+class SparsityRecorder(Method):
+    """Records the encoder's sparsity after every optimizer step of a real training run."""
+
+    def __init__(self) -> None:
+        self.history: list[float] = []
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def after_optimizer_step(self, step: int) -> None:
+        self.history.append(sparsity_report(self.model)["overall"])
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_masks_follow_the_cubic_schedule_during_training(tokenizer, scope):
+    """Sparsity at intermediate steps of `train` equals the schedule's value at the last mask update,
+    reaches the target at the end step and stays there (frozen masks) while the weights keep training."""
+    task = tiny_squad_task(max_seq_length=64, doc_stride=16, max_query_length=24)
+    features = task.train_features(tokenizer, list(tokenizer.model_input_names))
+    model = tiny_bert_model(BertForQuestionAnswering)
+    config = MagnitudePruning(sparsity=0.75, pattern="4x1", scope=scope, start=0.2, end=0.7, frequency=2)
+    recorder = SparsityRecorder()
+    steps = 20
+    methods = [make_pruner(config, steps), recorder]
+    training = TrainingConfig(max_steps=steps, batch_size=4, learning_rate=1e-3, precision="fp32")
+    train(model, task, features, training, seed=0, methods=methods)
+    last_update = 0.0
+    for step, measured in enumerate(recorder.history):
+        if config.update_due(step, steps):
+            last_update = config.sparsity_at(step, steps, config.sparsity)
+        assert measured == pytest.approx(last_update, abs=0.01), step
+    assert recorder.history[3] == 0.0 and 0.0 < recorder.history[6] < recorder.history[10] < 0.75
+    assert recorder.history[14:] == pytest.approx([0.75] * 6, abs=0.005)

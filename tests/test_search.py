@@ -27,7 +27,7 @@ SWEEP = """\
 # draw it fail; sparsity below 0.6 violates the constraint.
 params:
   pruning.sparsity: {type: float, low: 0.3, high: 0.9}
-  distillation.alpha: {type: float, low: 0.2, high: 0.9}
+  distillation.logit_kd.weight: {type: float, low: 0.2, high: 0.9}
   student.layers: {type: categorical, choices: [[0], [0, 1], [0, 9]]}
 fixed:
   runtime: eager

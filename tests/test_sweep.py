@@ -43,7 +43,7 @@ def test_every_sweep_file_is_used_by_an_experiment():
 def test_squad_sweep_searches_the_issue_keys():
     sweep = load_sweep("squad")
     keys = {p.key for p in sweep.params}
-    assert {"pruning.sparsity", "pruning.pattern", "distillation.temperature", "distillation.alpha"} <= keys
+    assert {"pruning.sparsity", "pruning.pattern", "distillation.logit_kd.temperature"} <= keys
     assert {"quantization", "student.layers", "training.learning_rate"} <= keys
     assert [(o.name, o.direction) for o in sweep.objectives] == [
         ("f1", "maximize"),

@@ -7,8 +7,9 @@ import torch
 from conftest import tiny_bert_config, tiny_squad_task
 from transformers import BertForQuestionAnswering
 
-from fastcpu.distillation import LogitDistillation, make_loss
+from fastcpu.distillation import Distiller, build_distillation
 from fastcpu.pruning import MagnitudePruning, make_pruner
+from fastcpu.teacher_outputs import LiveTeacher
 from fastcpu.training import TrainingConfig, train
 
 
@@ -24,18 +25,21 @@ def distil_once(setup, seed: int) -> tuple[dict, dict]:
     teacher = BertForQuestionAnswering(tiny_bert_config()).eval()
     student = BertForQuestionAnswering(tiny_bert_config())
     config = TrainingConfig(max_steps=5, batch_size=4, precision="bf16")
-    pruner = make_pruner(MagnitudePruning(sparsity=0.5, end=0.5, frequency=1), student, 5)
-    summary = train(
+    distillation = build_distillation({"task_weight": 0.5, "logit_kd": {"weight": 0.5}})
+    methods = [
+        make_pruner(MagnitudePruning(sparsity=0.5, end=0.5, frequency=1), 5),
+        Distiller(distillation, teacher.config),
+    ]
+    trained = train(
         student,
         task,
         features,
         config,
         seed=seed,
-        loss_fn=make_loss(LogitDistillation()),
-        teacher=teacher,
-        pruner=pruner,
+        methods=methods,
+        teacher=LiveTeacher(teacher, task.output_names),
     )
-    return student.state_dict(), summary
+    return student.state_dict(), trained.summary
 
 
 def test_same_seed_same_weights(setup):

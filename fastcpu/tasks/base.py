@@ -75,17 +75,25 @@ class Features:
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values()))) if self.inputs else 0
 
+    def indexed_batches(
+        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]]:
+        """Yield (row indices, inputs, labels) batches; the last one may be short."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for start in range(0, n, batch_size):
+            rows = order[start : start + batch_size]
+            taken = rows if shuffle else slice(start, start + batch_size)  # a slice takes views, not copies
+            yield rows, _take(self.inputs, taken), _take(self.labels, taken)
+
     def batches(
         self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
     ) -> Iterator[tuple[dict[str, Tensor], dict[str, Tensor]]]:
         """Yield (inputs, labels) batches; the last one may be short."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if shuffle else None
-        for start in range(0, n, batch_size):
-            rows = slice(start, start + batch_size) if order is None else order[start : start + batch_size]
-            yield _take(self.inputs, rows), _take(self.labels, rows)
+        for _, inputs, labels in self.indexed_batches(batch_size, shuffle, generator):
+            yield inputs, labels
 
     def subset(self, n: int) -> "Features":
         """The first n rows, for calibration sets. Meta follows when it knows how to (`meta.subset`)."""
