@@ -72,9 +72,10 @@ class FakeQuantLinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = source.in_features, source.out_features
         self.weight, self.bias = source.weight, source.bias  # shared: state dict keys stay the same
-        self.register_buffer("input_min", torch.tensor(0.0), persistent=False)
-        self.register_buffer("input_max", torch.tensor(0.0), persistent=False)
-        self.register_buffer("initialised", torch.tensor(False), persistent=False)
+        device = source.weight.device
+        self.register_buffer("input_min", torch.tensor(0.0, device=device), persistent=False)
+        self.register_buffer("input_max", torch.tensor(0.0, device=device), persistent=False)
+        self.register_buffer("initialised", torch.tensor(False, device=device), persistent=False)
         self.rounding = True  # False: observe the input range only, compute in float
 
     def _observe(self, x: torch.Tensor) -> None:

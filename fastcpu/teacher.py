@@ -164,7 +164,7 @@ def _finetune(
         seed=seed,
         description="teacher fine-tuning",
     )
-    metrics = _score(model, tokenizer, task, config)
+    metrics = score_teacher(model, tokenizer, task, config)
     _save_atomically(entry, model, tokenizer, metrics)
 
 
@@ -193,7 +193,7 @@ class Teachers:
         return self._prepared[key]
 
 
-def _score(model: nn.Module, tokenizer: Any, task: Task, config: TeacherConfig) -> dict[str, float]:
+def score_teacher(model: nn.Module, tokenizer: Any, task: Task, config: TeacherConfig) -> dict[str, float]:
     """The teacher's metrics on the task's evaluation set (tokenized only when a score is needed)."""
     features = task.eval_features(tokenizer, list(tokenizer.model_input_names))
     runner = module_runner(model, task.output_names)
@@ -204,7 +204,7 @@ def _score(model: nn.Module, tokenizer: Any, task: Task, config: TeacherConfig) 
 def _cached_score(path: Path, model: nn.Module, tokenizer: Any, task: Task, config: TeacherConfig) -> dict:
     if path.exists():
         return json.loads(path.read_text())
-    metrics = _score(model, tokenizer, task, config)
+    metrics = score_teacher(model, tokenizer, task, config)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(".tmp")
     staging.write_text(json.dumps(metrics, indent=2))

@@ -54,8 +54,9 @@ class LiveTeacher:
 
 def stored_bytes(model: nn.Module, names: tuple[str, ...], features: Features, needs: Needs) -> int:
     """Bytes the cached outputs take (fp32 logits, bf16 hidden states and attentions), from one row."""
+    device = next(model.parameters()).device
     with torch.no_grad():
-        first = model_outputs(model, {k: v[:1] for k, v in features.inputs.items()}, names, needs)
+        first = model_outputs(model, {k: v[:1].to(device) for k, v in features.inputs.items()}, names, needs)
     per_row = sum(t.numel() * (4 if name in names else 2) for name, t in _flatten(first).items())
     return per_row * len(features)
 

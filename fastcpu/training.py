@@ -42,6 +42,7 @@ class TrainingConfig:
         check_range(f"{key}.weight_decay", self.weight_decay, 0.0)
         check_range(f"{key}.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
         check_range(f"{key}.max_grad_norm", self.max_grad_norm, 0.0, low_open=True)
+        training_device(self.device, f"{key}.device")  # a GPU asked for and missing: before any work
 
     def total_steps(self, n_samples: int) -> int:
         if self.max_steps is not None:
@@ -63,16 +64,13 @@ class TrainingResult:
     records: list[dict]  # what each method's `finalize` returned, in the order the methods were given
 
 
-def training_device(setting: str) -> torch.device:
+def training_device(setting: str, key: str = "training.device") -> torch.device:
     """The device `training.device` names; `cuda` without a GPU is an error saying what was found."""
     if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         found = "a CPU-only build of PyTorch" if torch.version.cuda is None else "no CUDA device"
-        raise ConfigError(
-            f"training.device=cuda but PyTorch {torch.__version__} finds {found}; "
-            "use training.device=auto or cpu"
-        )
+        raise ConfigError(f"{key}=cuda but PyTorch {torch.__version__} finds {found}; use auto or cpu")
     return torch.device("cuda")
 
 

@@ -27,7 +27,7 @@ from .quantization import SCHEMES, NoQuantization, make_quantizer
 from .student import StudentConfig, make_student
 from .tasks import build_task_config, make_task
 from .tasks.base import Task
-from .teacher import Teacher, TeacherConfig, prepare_teacher
+from .teacher import Teacher, TeacherConfig, TeacherError, prepare_teacher
 from .teacher_outputs import CachedTeacher
 from .tracking import TrackingConfig, flatten, trial_run
 from .training import TrainingConfig, train
@@ -107,6 +107,17 @@ def result_metrics(task: Task) -> set[str]:
     return {*task.metric_names, *MEASURED, "relative_drop"}
 
 
+def check_teacher_score(teacher: Teacher, task: Task) -> None:
+    """A teacher that scores 0 teaches nothing, and a relative drop against it means nothing."""
+    score = teacher.metrics[task.primary_metric]
+    if score <= 0:
+        raise TeacherError(
+            f"the teacher ({teacher.path}) scores {task.primary_metric}={score} on the evaluation set: its "
+            "head does not solve the task (fine-tuning failed, or teacher.finetune=never on an untuned "
+            "model); fix the teacher before distilling from it"
+        )
+
+
 def run_trial(
     cfg: DictConfig,
     output_dir: Path,
@@ -135,6 +146,7 @@ def run_trial(
         task = make_task(config.task)
         teacher = teachers(config.teacher, task, config.seed)
         log.info("teacher %s: %s", teacher.path, teacher.metrics)
+        check_teacher_score(teacher, task)
         tracker.metrics({f"teacher_{k}": v for k, v in teacher.metrics.items()})
 
         input_names = list(teacher.tokenizer.model_input_names)
@@ -183,7 +195,7 @@ def run_trial(
         metric = task.primary_metric
         teacher_score = teacher.metrics[metric]
         result |= {f"teacher_{k}": v for k, v in teacher.metrics.items()}
-        result["relative_drop"] = (teacher_score - result[metric]) / teacher_score if teacher_score else 0.0
+        result["relative_drop"] = (teacher_score - result[metric]) / teacher_score
         result |= {f"train_{k}": v for k, v in summary.items()}
         result["artifact"] = str(artifact_dir.resolve())
         result["mlflow_run_id"] = tracker.run_id

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from conftest import CONF, compose_config
 
@@ -103,6 +104,15 @@ def test_bad_value_names_key_and_allowed(override, message):
     assert message in str(error.value)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("key", ["training.device", "teacher.training.device"])
+def test_cuda_without_a_gpu_is_refused_saying_what_was_found(key):
+    with pytest.raises(
+        ConfigError, match=f"{key}=cuda but PyTorch .* finds (a CPU-only build|no CUDA device)"
+    ):
+        TrialConfig.from_hydra(compose_config(["+experiment=squad", f"{key}=cuda"]))
+
+
 def test_a_loss_whose_weights_are_all_zero_is_refused():
     overrides = ["+experiment=squad", "distillation.task_weight=0", "distillation.logit_kd.weight=0"]
     with pytest.raises(ConfigError, match="every weight of the loss is zero"):
@@ -141,7 +151,7 @@ def test_cli_rejects_bad_value_before_any_work(tmp_path):
     assert not list(tmp_path.rglob("result.json")) and not list(tmp_path.rglob("manifest.json"))
 
 
-@pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g, o in GROUP_OPTIONS if g != "recipe"])
 def test_every_setting_is_in_the_yaml(group, option):
     """Hydra only lets users override keys the YAML names, so every dataclass field must be there."""
     skip_missing_backend(group, option)
@@ -169,3 +179,13 @@ def test_experiment_allows_switching_any_option(experiment, group, option):
     """An experiment must not set values that only one option of a group has."""
     skip_missing_backend(group, option)
     TrialConfig.from_hydra(compose_config([f"+experiment={experiment}", f"{group}={option}"]))
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (CONF / "recipe").glob("*.yaml")))
+def test_a_recipe_only_picks_options(recipe):
+    """A recipe chooses option files (or another recipe) and sets no value, so any option switched after it
+    never meets a key it lacks; the choices it makes are the ones the composed config shows."""
+    text = yaml.safe_load((CONF / "recipe" / f"{recipe}.yaml").read_text())
+    assert set(text) == {"defaults"}
+    config = TrialConfig.from_hydra(compose_config([f"recipe={recipe}"]))
+    assert config.pruning.name in ("magnitude", "movement") and config.distillation.terms

@@ -13,6 +13,7 @@ from fastcpu.architectures import encoder_linears
 from fastcpu.methods import Method
 from fastcpu.pruning import (
     MagnitudePruning,
+    MovementPruning,
     Schedule,
     StructuredPruning,
     magnitude_mask,
@@ -172,3 +173,70 @@ def test_masks_follow_the_cubic_schedule_during_training(tokenizer, scope):
         assert measured == pytest.approx(last_update, abs=0.01), step
     assert recorder.history[3] == 0.0 and 0.0 < recorder.history[6] < recorder.history[10] < 0.75
     assert recorder.history[14:] == pytest.approx([0.75] * 6, abs=0.005)
+
+
+def test_movement_keeps_the_units_training_grows_not_the_largest():
+    """Scores are -sum(grad * W): a small weight that the gradient pushes outward outranks a large one it
+    pulls toward zero, and a pruned weight comes back with its value when its score recovers."""
+    linear = torch.nn.Linear(2, 4, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[0.1, 5.0]] * 4))
+    pruner = make_pruner(MovementPruning(sparsity=0.5, pattern="unstructured", end=1.0, frequency=1), 10)
+    pruner.linears, pruner.scores = {"w": linear}, {"w": torch.zeros(4, 2)}
+    pruner.masks, pruner.kept_aside = (
+        {"w": torch.ones(4, 2, dtype=torch.bool)},
+        {"w": linear.weight.detach().clone()},
+    )
+    linear.weight.grad = torch.tensor([[-1.0, 1.0]] * 4)  # grows the 0.1s, shrinks the 5.0s
+    pruner.after_backward(0)
+    torch.testing.assert_close(pruner.scores["w"], torch.tensor([[0.1, -5.0]] * 4))
+    pruner.update_masks(0.5)
+    assert linear.weight[:, 1].abs().sum() == 0 and linear.weight[:, 0].abs().min() > 0
+    linear.weight.grad = torch.tensor([[1.0, -10.0]] * 4)  # now the other way round
+    pruner.after_backward(1)
+    pruner.update_masks(0.5)
+    torch.testing.assert_close(linear.weight[:, 1], torch.full((4,), 5.0))  # back with its value
+
+
+@pytest.mark.parametrize(("pattern", "scope"), [("4x1", "layer"), ("unstructured", "global")])
+def test_movement_scores_follow_the_gradients_and_masks_hit_the_target(tokenizer, pattern, scope):
+    task = tiny_squad_task(max_seq_length=64, doc_stride=16, max_query_length=24)
+    features = task.train_features(tokenizer, list(tokenizer.model_input_names))
+    model = tiny_bert_model(BertForQuestionAnswering)
+    config = MovementPruning(sparsity=0.8, pattern=pattern, scope=scope, start=0.0, end=0.6, frequency=2)
+    pruner = make_pruner(config, 10)
+    movement = GradientRecorder(pruner)
+    training = TrainingConfig(max_steps=10, batch_size=4, learning_rate=1e-3, precision="fp32")
+    train(model, task, features, training, seed=0, methods=[movement, pruner])
+    for name, scores in pruner.scores.items():
+        torch.testing.assert_close(scores, movement.total[name], rtol=1e-4, atol=1e-6)
+        assert scores.abs().sum() > 0
+    units = {name: mask.numel() // (4 if pattern == "4x1" else 1) for name, mask in pruner.masks.items()}
+    pruned = {
+        name: int((~mask).sum()) // (4 if pattern == "4x1" else 1) for name, mask in pruner.masks.items()
+    }
+    if scope == "layer":
+        assert all(pruned[name] == round(0.8 * units[name]) for name in units)
+    else:
+        assert sum(pruned.values()) == round(0.8 * sum(units.values()))
+        assert len({round(pruned[name] / units[name], 3) for name in units}) > 1
+    assert sparsity_report(model)["overall"] == pytest.approx(0.8, abs=0.002)
+
+
+class GradientRecorder(Method):
+    """-sum(grad * W) over the steps before the masks freeze (6 of 10), from the gradients the loop
+    computed; W is the dense weight: what the pruner's masks hide, it keeps aside."""
+
+    def __init__(self, pruner) -> None:
+        self.pruner = pruner
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        self.linears = encoder_linears(model)
+        self.total = {name: torch.zeros_like(m.weight) for name, m in self.linears.items()}
+
+    def after_backward(self, step: int) -> None:
+        if step >= 6:
+            return
+        for name, module in self.linears.items():
+            dense = torch.where(self.pruner.masks[name], module.weight, self.pruner.kept_aside[name])
+            self.total[name] -= module.weight.grad * dense.detach()

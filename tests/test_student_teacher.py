@@ -5,10 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import MINILM, tiny_squad_task
+from transformers import AutoTokenizer
 
 from fastcpu.config import ConfigError
 from fastcpu.student import StudentConfig, make_student
-from fastcpu.teacher import TeacherConfig, TeacherError, load_model_config, prepare_teacher, resolve_source
+from fastcpu.teacher import (
+    Teacher,
+    TeacherConfig,
+    TeacherError,
+    load_model_config,
+    prepare_teacher,
+    resolve_source,
+    score_teacher,
+)
+from fastcpu.trial import check_teacher_score
 
 
 def test_student_keeps_the_chosen_teacher_layers(tiny_qa_model):
@@ -73,3 +83,18 @@ def test_untuned_teacher_with_finetune_never(tmp_path):
         prepare_teacher(
             TeacherConfig(model=str(MINILM), finetune="never", cache_dir=str(tmp_path)), task, seed=0
         )
+
+
+def test_a_teacher_that_scores_zero_is_an_error_not_a_zero_drop(tiny_qa_model):
+    """A teacher whose QA head is all zeros predicts the empty span everywhere: F1 0, refused."""
+    task = tiny_squad_task(max_seq_length=64, doc_stride=16, max_query_length=24)
+    with torch.no_grad():
+        tiny_qa_model.qa_outputs.weight.zero_()
+        tiny_qa_model.qa_outputs.bias.zero_()
+    tokenizer = AutoTokenizer.from_pretrained(MINILM)
+    metrics = score_teacher(tiny_qa_model, tokenizer, task, TeacherConfig(model=str(MINILM)))
+    assert metrics["f1"] == 0.0
+    teacher = Teacher(tiny_qa_model, tokenizer, metrics, "zero-head", finetuned=False)
+    with pytest.raises(TeacherError, match="scores f1=0.0 on the evaluation set: its head does not solve"):
+        check_teacher_score(teacher, task)
+    check_teacher_score(Teacher(tiny_qa_model, tokenizer, {"f1": 12.5}, "ok", finetuned=False), task)

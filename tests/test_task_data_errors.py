@@ -52,12 +52,24 @@ def squad_json(tmp_path: Path, edit) -> str:
         ({"name": "squad", "train_file": ""}, "empty string"),
         ({"name": "squad", "train_file": 3}, "task.train_file must be a string"),
         ({"name": "sst2", "train_file": "x", "text_column": "label"}, "two different"),
+        ({"name": "sst2", "train_file": "d/t.tsv", "eval_file": "d/../d/t.tsv"}, "the same file (d/t.tsv)"),
     ],
 )
 def test_bad_configs(node: dict, message: str) -> None:
     with pytest.raises(ConfigError) as error:
         build_task_config(node)
     assert message in str(error.value)
+
+
+def test_one_file_under_two_names_is_the_same_file(tmp_path: Path) -> None:
+    """A symlink or another spelling of the training file is refused as the evaluation file too."""
+    train = Path(write(tmp_path, "sentence\tlabel\ngood\t1\n"))
+    (tmp_path / "link.tsv").symlink_to(train)
+    for name in ("sst2", "squad"):
+        with pytest.raises(ConfigError, match="are the same file"):
+            build_task_config(
+                {"name": name, "train_file": str(train), "eval_file": str(tmp_path / "link.tsv")}
+            )
 
 
 def test_missing_split_source_is_named() -> None:

@@ -11,7 +11,8 @@ plus its YAML file in `conf/pruning/`.
 
 from .base import PRUNERS, NoPruning, Pruner, Schedule, make_pruner, sparsity_report
 from .magnitude import MagnitudePruner, MagnitudePruning
-from .masks import BLOCK, magnitude_mask, select_units
+from .masks import BLOCK, MaskPruner, UnitPruning, magnitude_mask, select_units
+from .movement import MovementPruner, MovementPruning
 from .structured import StructuredPruner, StructuredPruning
 
 __all__ = [
@@ -19,11 +20,15 @@ __all__ = [
     "PRUNERS",
     "MagnitudePruner",
     "MagnitudePruning",
+    "MaskPruner",
+    "MovementPruner",
+    "MovementPruning",
     "NoPruning",
     "Pruner",
     "Schedule",
     "StructuredPruner",
     "StructuredPruning",
+    "UnitPruning",
     "magnitude_mask",
     "make_pruner",
     "select_units",

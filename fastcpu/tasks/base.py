@@ -105,6 +105,14 @@ def _take(tensors: dict[str, Tensor], rows: slice | Tensor) -> dict[str, Tensor]
     return {name: t[rows] for name, t in tensors.items()}
 
 
+def same_file(first: str | None, second: str | None) -> bool:
+    """Whether two configured paths name one file (relative, `~` and symlinked spellings included)."""
+    if first is None or second is None:
+        return False
+    a, b = Path(first).expanduser(), Path(second).expanduser()
+    return a.samefile(b) if a.exists() and b.exists() else a.resolve() == b.resolve()
+
+
 def read_text(path: str) -> str:
     """Read a UTF-8 text file, turning the usual failures into one DataError naming the file."""
     file = Path(path)

@@ -23,6 +23,7 @@ from fastcpu.tasks.base import (
     position_cross_entropy,
     read_text,
     require_columns,
+    same_file,
     select_inputs,
     tokenize,
 )
@@ -57,7 +58,7 @@ class SquadConfig(DataConfig):
     def _validate_no_holdout(self, key: str) -> None:
         if self.holdout_offset != 0:
             raise ConfigError(f"{key}.holdout_offset is set but {key}.holdout_every is null")
-        if self.train_file is not None and self.train_file == self.eval_file:
+        if same_file(self.train_file, self.eval_file):
             raise ConfigError(
                 f"{key}.train_file and {key}.eval_file are the same file ({self.train_file}); set "
                 f"{key}.holdout_every to split it by article, or use different files"

@@ -18,6 +18,7 @@ from fastcpu.tasks.base import (
     check_outputs,
     read_text,
     require_columns,
+    same_file,
     select_inputs,
     tokenize,
 )
@@ -39,6 +40,11 @@ class Sst2Config(DataConfig):
             raise ConfigError(
                 f"{key}.text_column and {key}.label_column must be two different non-empty column names "
                 f"(got {self.text_column!r}, {self.label_column!r})"
+            )
+        if same_file(self.train_file, self.eval_file):
+            raise ConfigError(
+                f"{key}.train_file and {key}.eval_file are the same file ({self.train_file}); a model scored "
+                "on its own training sentences says nothing: give the train and dev TSVs"
             )
 
 
