@@ -12,6 +12,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from . import search, trial  # noqa: F401  (register each config group's `base` before Hydra composes)
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 

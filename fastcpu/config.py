@@ -34,6 +34,15 @@ def _package_path(package: str, relative: str = "") -> str:
 OmegaConf.register_new_resolver("pkg", _package_path, replace=True)
 
 
+def store_base(group: str, defaults: Any) -> None:
+    """Register a group's dataclass defaults as the option `base` of `conf/<group>/`: option files start
+    with `defaults: [base, _self_]` and state only what differs, so every default lives in one place, the
+    dataclass, while every key still exists for `key=value` overrides."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(group=group, name="base", node=dataclasses.asdict(defaults))
+
+
 T = TypeVar("T")
 
 

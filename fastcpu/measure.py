@@ -13,7 +13,7 @@ from typing import Any
 import fastcpu_runtime as rt
 from fastcpu_runtime.backends import broken_backends
 
-from .config import ConfigError, check_range
+from .config import ConfigError, check_range, store_base
 from .evaluation import evaluate
 from .pruning import sparsity_report
 from .tasks.base import Features, Task
@@ -24,7 +24,7 @@ MEASURED = ("throughput", "latency_p50_ms", "latency_p90_ms", "model_mb", "artif
 @dataclass
 class RuntimeConfig:
     backend: str = "auto"  # runtime backend; auto: the fastest one for the artifact (rt.pick_backend)
-    batch_size: int = 8  # batch of evaluation and benchmark; the session is compiled for this fixed shape
+    batch_size: int = 8  # evaluation and benchmark batch; the session is compiled (or traced) for this shape
     seq_len: int | None = None  # benchmark sequence length; null: the task's max_seq_length
     threads: int | None = None  # intra-op threads; null: PyTorch's default (all cores)
     warmup: int = 3  # untimed calls before the benchmark
@@ -42,6 +42,9 @@ class RuntimeConfig:
         for name in ("batch_size", "seq_len", "threads", "rounds", "iterations"):
             check_range(f"{key}.{name}", getattr(self, name), 1)
         check_range(f"{key}.warmup", self.warmup, 0)
+
+
+store_base("runtime", RuntimeConfig())
 
 
 def _directory_mb(path: Path) -> float:

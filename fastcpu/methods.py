@@ -5,6 +5,7 @@ registry of its config group. The loop (`fastcpu.training.train`) calls its hook
 
     prepare(model)                 once, on the training device: swap modules, allocate masks or scores
     parameters()                   extra trainable tensors (projections, scores) the optimizer updates
+    lr_restarts()                  steps where the learning-rate schedule starts over (rewinding)
     needs                          what the student and the teacher must return (hidden states, ...)
     for each step:
         before_step(step)          e.g. recompute masks on the pruning schedule
@@ -75,6 +76,10 @@ class Method:
 
     def parameters(self) -> list[nn.Parameter]:
         """Trainable tensors of the method's own, beside the model's."""
+        return []
+
+    def lr_restarts(self) -> list[int]:
+        """Steps at which the learning-rate schedule starts over (warm-up, then decay to 0)."""
         return []
 
     def before_step(self, step: int) -> None:

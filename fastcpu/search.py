@@ -26,7 +26,7 @@ import sqlalchemy.exc
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
-from .config import ConfigError, build, check_range, to_plain
+from .config import ConfigError, build, check_range, store_base, to_plain
 from .pareto import REFERENCE_ATTR, Report
 from .sweep import Sweep, load_sweep
 from .teacher import Teachers
@@ -68,6 +68,9 @@ class SearchConfig:
         check_range(f"{key}.grace_period", self.grace_period, self.heartbeat_interval, low_open=True)
         check_range(f"{key}.timeout", self.timeout, 0, low_open=True)
         check_range(f"{key}.latency_budget_ms", self.latency_budget_ms, 0, low_open=True)
+
+
+store_base("search", SearchConfig())
 
 
 def storage_url(config: SearchConfig) -> str:

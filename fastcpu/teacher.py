@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from . import __version__
-from .config import ConfigError, check_range
+from .config import ConfigError, check_range, store_base
 from .evaluation import evaluate, module_runner
 from .tasks.base import Task
 from .training import TrainingConfig, seed_everything, train
@@ -36,6 +37,11 @@ class TeacherError(RuntimeError):
     """The teacher model cannot be found or loaded."""
 
 
+def default_cache_dir() -> str:
+    """$FASTCPU_CACHE, else ~/.cache/fastcpu."""
+    return os.environ.get("FASTCPU_CACHE", "~/.cache/fastcpu")
+
+
 @dataclass
 class TeacherConfig:
     model: str  # local directory or hub id of the (fine-tuned or base) model
@@ -43,13 +49,16 @@ class TeacherConfig:
         "auto"  # auto: only when the model has no head for the task
     )
     training: TrainingConfig = field(default_factory=TrainingConfig)  # budget of that fine-tuning
-    cache_dir: str = "~/.cache/fastcpu"  # tuned teachers, their scores and outputs, keyed by hash
+    cache_dir: str = field(default_factory=default_cache_dir)  # tuned teachers, scores, outputs; by hash
     eval_batch_size: int = 32
     outputs_cache_mb: float = 2048  # teacher outputs on the training rows kept for every trial; 0: live
 
     def validate(self, key: str) -> None:
         check_range(f"{key}.eval_batch_size", self.eval_batch_size, 1)
         check_range(f"{key}.outputs_cache_mb", self.outputs_cache_mb, 0.0)
+
+
+store_base("teacher", TeacherConfig(model="???"))  # ???: each option file must name its model
 
 
 @dataclass

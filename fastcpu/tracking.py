@@ -17,6 +17,8 @@ from typing import Any
 
 import mlflow
 
+from .config import store_base
+
 DEFAULT_STORE = Path("mlruns")
 
 
@@ -28,6 +30,9 @@ class TrackingConfig:
     )
     experiment: str = "fastcpu"  # MLflow experiment the runs go to
     run_name: str | None = None  # null: MLflow picks one
+
+
+store_base("tracking", TrackingConfig())
 
 
 def tracking_uri(config: TrackingConfig) -> str:

@@ -17,21 +17,23 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import ConfigError, check_range
+from .config import ConfigError, check_range, store_base
 from .methods import Batch, Method, ModelOutputs, Needs, model_outputs, request_attention_maps
 from .tasks.base import Features, Task
 
 
 @dataclass
 class TrainingConfig:
-    epochs: float = 1.0  # passes over the training features (fractions allowed)
+    epochs: float = 2.0  # passes over the training features (fractions allowed)
     max_steps: int | None = None  # overrides epochs when set
     batch_size: int = 16
-    learning_rate: float = 5e-5
+    learning_rate: float = 1e-4
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1  # linear warm-up over this fraction of steps, then linear decay to 0
     max_grad_norm: float = 1.0
-    precision: Literal["fp32", "bf16"] = "bf16"  # autocast dtype of forward/backward; weights stay fp32
+    precision: Literal["fp32", "bf16"] = (
+        "bf16"  # autocast of forward/backward (weights stay fp32); ~1.7x on AVX-512 BF16
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available, else CPU
 
     def validate(self, key: str) -> None:
@@ -62,6 +64,9 @@ def seed_everything(seed: int) -> torch.Generator:
 class TrainingResult:
     summary: dict[str, float]  # steps, final (smoothed) loss
     records: list[dict]  # what each method's `finalize` returned, in the order the methods were given
+
+
+store_base("training", TrainingConfig())
 
 
 def training_device(setting: str, key: str = "training.device") -> torch.device:
@@ -106,15 +111,18 @@ def _optimizer(model: nn.Module, config: TrainingConfig, extra: list[nn.Paramete
     return torch.optim.AdamW(groups, lr=config.learning_rate)
 
 
-def _linear_schedule(
-    optimizer: torch.optim.Optimizer, warmup: int, total: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def lr_factor(step: int, total: int, warmup_ratio: float, restarts: Sequence[int] = ()) -> float:
+    """The learning rate's factor at `step`: linear warm-up over `warmup_ratio` of a segment, then linear
+    decay to 0 at its end. `restarts` split training into segments that each start over (learning-rate
+    rewinding, e.g. when a pruner's masks freeze)."""
+    starts = [0, *sorted(r for r in set(restarts) if 0 < r < total)]
+    begin = max(start for start in starts if start <= step)
+    end = min([start for start in starts if start > step], default=total)
+    length, offset = end - begin, step - begin
+    warmup = round(warmup_ratio * length)
+    if offset < warmup:
+        return (offset + 1) / warmup
+    return max(0.0, (length - offset) / max(1, length - warmup))
 
 
 def train(
@@ -146,7 +154,10 @@ def train(
         request_attention_maps(model, "student")
     extra = [p for method in methods for p in method.parameters()]
     optimizer = _optimizer(model, config, extra)
-    scheduler = _linear_schedule(optimizer, round(config.warmup_ratio * total), total)
+    restarts = [step for method in methods for step in method.lr_restarts()]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, config.warmup_ratio, restarts)
+    )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     if needs.teacher:
         teacher.prepare(needs, autocast, device)

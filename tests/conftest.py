@@ -15,6 +15,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering, BertPreTrainedModel
 
+import fastcpu.search  # noqa: F401  (registers each config group's `base` before anything composes)
+
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

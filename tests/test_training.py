@@ -10,7 +10,7 @@ from transformers import BertForQuestionAnswering
 from fastcpu.distillation import Distiller, build_distillation
 from fastcpu.pruning import MagnitudePruning, make_pruner
 from fastcpu.teacher_outputs import LiveTeacher
-from fastcpu.training import TrainingConfig, train
+from fastcpu.training import TrainingConfig, lr_factor, train
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +49,16 @@ def test_same_seed_same_weights(setup):
     assert first_summary == again_summary
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_learning_rate_warms_up_decays_and_rewinds_when_the_masks_freeze():
+    plain = [lr_factor(step, 100, 0.1) for step in range(100)]
+    assert plain[0] == pytest.approx(0.1) and plain[9] == 1.0 and plain[10] == 1.0
+    assert plain[55] == pytest.approx(0.5) and plain[99] == pytest.approx(1 / 90)
+    pruner = make_pruner(MagnitudePruning(end=0.7, rewind_lr=True), 100)
+    assert pruner.lr_restarts() == [70]
+    assert make_pruner(MagnitudePruning(end=0.7), 100).lr_restarts() == []
+    rewound = [lr_factor(step, 100, 0.1, pruner.lr_restarts()) for step in range(100)]
+    assert rewound[:70] == [lr_factor(step, 70, 0.1) for step in range(70)]  # the first segment ends at 0
+    assert rewound[69] < 0.02 and rewound[70] == pytest.approx(1 / 3) and rewound[72] == 1.0  # starts over
+    assert rewound[99] == pytest.approx(1 / 27)

@@ -26,6 +26,7 @@ class Schedule:
     start: float = 0.0  # fraction of training steps at which pruning begins
     end: float = 0.7  # fraction at which the target is reached; the masks are frozen from then on
     frequency: int = 10  # optimizer steps between mask updates
+    rewind_lr: bool = False  # the learning rate starts over (warm-up, decay) when the masks freeze
 
     def validate_schedule(self, key: str) -> None:
         check_range(f"{key}.start", self.start, 0.0, 1.0)
@@ -64,6 +65,12 @@ class Pruner(Method):
     def __init__(self, config, total_steps: int) -> None:
         self.config = config
         self.total_steps = total_steps
+
+    def lr_restarts(self) -> list[int]:
+        """The frozen-mask phase starts over from the full learning rate when the schedule asks for it."""
+        if isinstance(self.config, Schedule) and self.config.rewind_lr:
+            return [self.config.steps(self.total_steps)[1]]
+        return []
 
     def finalize(self, model: nn.Module) -> dict:
         return {"method": "none"}
