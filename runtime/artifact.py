@@ -93,6 +93,20 @@ class Artifact:
         return list(self.manifest["quantization"].get("modules", []))
 
     @property
+    def activation_ranges(self) -> dict[str, tuple[float, float]] | None:
+        """{module: (min, max)} of each quantized Linear's input as quantization-aware training learned
+        them, or None: static int8 then calibrates them on the artifact's calibration rows."""
+        ranges = self.manifest["quantization"].get("activation_ranges")
+        if ranges is None:
+            return None
+        missing = sorted(set(self.quantized_modules) - set(ranges))
+        if missing:
+            raise ArtifactError(
+                f"{self.path}: quantization.activation_ranges lacks {missing[:3]}; {_REEXPORT}"
+            )
+        return {name: (float(ranges[name][0]), float(ranges[name][1])) for name in self.quantized_modules}
+
+    @property
     def vocab_size(self) -> int:
         return int(self.model_config["vocab_size"])
 

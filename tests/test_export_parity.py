@@ -36,7 +36,8 @@ def student_for(scheme: str, pruning, task, features) -> torch.nn.Module:
     teacher = AutoModelForQuestionAnswering.from_pretrained(MINILM, attn_implementation="sdpa")
     student = make_student(teacher, StudentConfig(layers=[0, 3]))
     calibration = {"calibration_samples": 16} if scheme in ("static_int8", "qat_int8") else {}
-    quantization = SCHEMES.build({"scheme": scheme, **calibration})
+    rounding = {"start": 0.5} if scheme == "qat_int8" else {}  # float first, then through int8 rounding
+    quantization = SCHEMES.build({"scheme": scheme, **calibration, **rounding})
     config = TrainingConfig(max_steps=8, batch_size=8, learning_rate=3e-4, precision="fp32")
     steps = config.total_steps(len(features[0]))
     methods = [make_pruner(pruning, steps), make_quantizer(quantization, steps)]
@@ -90,3 +91,16 @@ def test_int8_export_on_native_keeps_the_logits(tmp_path, task, features, tokeni
     cosine = torch.nn.functional.cosine_similarity(got, expected, dim=0).item()
     assert cosine >= 0.99, cosine
     assert not torch.allclose(got, expected, atol=1e-4)  # it really ran in int8
+
+
+def test_qat_ranges_reach_the_artifact_and_the_sparse_backend_uses_them(tmp_path, task, features, tokenizer):
+    pruning = MagnitudePruning(sparsity=0.8, pattern="4x1", end=0.5, frequency=1)
+    student, quantization, info = student_for("qat_int8", pruning, task, features)
+    session = export_and_session(tmp_path, student, quantization, info, task, features, tokenizer, "sparse")
+    artifact = rt.load_artifact(tmp_path / "artifact")
+    ranges = artifact.activation_ranges
+    assert set(ranges) == set(artifact.quantized_modules) and all(lo < 0 < hi for lo, hi in ranges.values())
+    assert "ranges learned in training" in session.description
+    got, _ = outputs_of(session.run, features[1])
+    cosine = torch.nn.functional.cosine_similarity(got, reference(student, features[1]), dim=0).item()
+    assert cosine >= 0.99, cosine

@@ -167,6 +167,20 @@ def test_quantized_module_without_scale_is_refused(tmp_path, qa_model, tokenizer
         save(tmp_path / "bad", qa_model, tokenizer, scheme="static_int8", modules=modules, state=state)
 
 
+def test_activation_ranges_must_cover_every_quantized_module(tmp_path, qa_model, tokenizer):
+    modules = encoder_linears(qa_model)[:2]
+    path = save(tmp_path / "qat", qa_model, tokenizer, scheme="qat_int8", modules=modules)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert load_artifact(path).activation_ranges is None  # none learned: the backends calibrate
+    manifest["quantization"]["activation_ranges"] = {modules[0]: [-1.5, 2.0]}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"quantization.activation_ranges lacks \['bert.encoder"):
+        _ = load_artifact(path).activation_ranges
+    manifest["quantization"]["activation_ranges"][modules[1]] = [-3, 1]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert load_artifact(path).activation_ranges == {modules[0]: (-1.5, 2.0), modules[1]: (-3.0, 1.0)}
+
+
 # ------------------------------------------------------------------------------------------- pruning
 
 

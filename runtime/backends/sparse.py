@@ -186,7 +186,9 @@ def sparse(artifact: Artifact, batch_size: int, seq_len: int) -> Runner:
         raise BackendError(f"{artifact.path}: scheme {artifact.scheme} but quantization.modules is empty")
     model = positional_model(artifact, torch.float32, fast_attention())
     dynamic = artifact.scheme == "dynamic_int8"
-    ranges = None if dynamic else observe_input_ranges(model, modules, artifact, batch_size, seq_len)
+    ranges = None if dynamic else artifact.activation_ranges
+    if ranges is None and not dynamic:
+        ranges = observe_input_ranges(model, modules, artifact, batch_size, seq_len)
     packed = artifact.packed_weights()
     replaced = replace_linears(model.model, artifact.state_dict(), modules, ranges, packed)
     return Runner(compile_frozen(model), _describe(artifact, replaced, packed_at_export=packed is not None))
@@ -256,6 +258,8 @@ def _describe(artifact: Artifact, replaced: list[SparseInt8Linear], packed_at_ex
     dense = sum(m.packed.out_features * m.in_features for m in replaced)
     stored = sum(m.packed.density * m.packed.out_features * m.in_features for m in replaced)
     kind = "dynamic" if artifact.scheme == "dynamic_int8" else "static"
+    if artifact.activation_ranges is not None and kind == "static":
+        kind = "static (ranges learned in training)"
     path = kernel_path()
     packing = "packed at export" if packed_at_export else "packed at load"
     return (
