@@ -12,6 +12,8 @@ import pytest
 from conftest import FIXTURES
 from mlflow.tracking import MlflowClient
 
+from fastcpu.tasks.squad_metrics import squad_evaluate
+
 TINY_TRIAL = [
     "+experiment=squad",
     "~search",  # one trial, not the experiment's study
@@ -21,8 +23,9 @@ TINY_TRIAL = [
     "task.holdout_offset=3",
     "task.max_seq_length=96",
     "task.doc_stride=32",
-    "teacher.training.max_steps=3",
+    "teacher.training.max_steps=30",  # enough for F1 > 0 on the held-out article (a 0 teacher is refused)
     "teacher.training.batch_size=8",
+    "teacher.training.learning_rate=5e-4",
     "student.layers=[0]",
     "training.max_steps=6",
     "training.batch_size=8",
@@ -33,6 +36,22 @@ TINY_TRIAL = [
     "runtime.rounds=2",
     "runtime.iterations=2",
 ]
+
+
+def assert_scores_are_the_predictions(result: dict, predictions: dict) -> None:
+    """The reported F1/EM are the official metric of the deployed model's predictions on the held-out
+    article, and the relative drop is against the (non-zero) teacher."""
+    article = json.loads((FIXTURES / "squad_tiny.json").read_text())["data"][3]
+    gold = {qa["id"]: [a["text"] for a in qa["answers"]] for p in article["paragraphs"] for qa in p["qas"]}
+    assert set(predictions) == set(gold)
+    scores = squad_evaluate(gold, predictions)
+    assert result["f1"] == pytest.approx(scores["f1"]) and result["exact_match"] == pytest.approx(
+        scores["exact_match"]
+    )
+    assert result["teacher_f1"] > 0
+    assert result["relative_drop"] == pytest.approx(
+        (result["teacher_f1"] - result["f1"]) / result["teacher_f1"]
+    )
 
 
 def run_fastcpu(workdir: Path, overrides: list[str], name: str) -> subprocess.CompletedProcess:
@@ -63,15 +82,12 @@ def test_trial_writes_result_predictions_and_artifact(trial):
         "model_mb",
     ):
         assert isinstance(result[key], float), key
-    assert 0 <= result["f1"] <= 100 and result["throughput"] > 0
-    assert result["latency_p90_ms"] >= result["latency_p50_ms"] > 0
+    assert result["throughput"] > 0 and result["latency_p90_ms"] >= result["latency_p50_ms"] > 0
     assert result["scheme"] == "static_int8" and "int8" in result["backend_description"]
     # 80% 4x1 blocks, plus the few weights int8 rounds to zero
     assert all(0.8 <= v < 0.82 for v in result["sparsity_per_layer"].values())
     assert result["sparsity"] == pytest.approx(0.8, abs=0.02)
-    predictions = json.loads((out / "predictions.json").read_text())
-    gold = json.loads((FIXTURES / "squad_tiny.json").read_text())["data"][3]
-    assert set(predictions) == {qa["id"] for p in gold["paragraphs"] for qa in p["qas"]}
+    assert_scores_are_the_predictions(result, json.loads((out / "predictions.json").read_text()))
     manifest = json.loads((out / "artifact" / "manifest.json").read_text())
     assert manifest["quantization"]["scheme"] == "static_int8" and manifest["quantization"]["modules"]
     assert set(manifest["files"]) >= {"config.json", "model.safetensors", "calibration.safetensors"}
@@ -133,12 +149,11 @@ def test_bad_data_file_fails_cleanly(trial, content):
 
 def test_sst2_trial_on_local_tsv(tmp_path):
     """The classification path end to end, on a custom local TSV, dynamic int8, no tracking."""
-    tsv = str(FIXTURES / "sst2_tiny.tsv")
     overrides = [
         "+experiment=sst2",
         "~search",
-        f"task.train_file={tsv}",
-        f"task.eval_file={tsv}",
+        f"task.train_file={FIXTURES / 'sst2_tiny_train.tsv'}",
+        f"task.eval_file={FIXTURES / 'sst2_tiny.tsv'}",
         "task.max_seq_length=48",
         "teacher.training.max_steps=2",
         "student.layers=[5]",
@@ -153,7 +168,14 @@ def test_sst2_trial_on_local_tsv(tmp_path):
     done = run_fastcpu(tmp_path, overrides, "sst2")
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads((tmp_path / "sst2" / "result.json").read_text())
-    assert 0 <= result["accuracy"] <= 100 and 0 <= result["teacher_accuracy"] <= 100
+    predictions = json.loads((tmp_path / "sst2" / "predictions.json").read_text())
+    rows = (FIXTURES / "sst2_tiny.tsv").read_text().splitlines()[1:]
+    gold = [int(row.rsplit("\t", 1)[1]) for row in rows]
+    assert len(predictions) == len(gold) == 40
+    # The reported accuracy is the deployed student's predictions against the dev labels.
+    assert result["accuracy"] == pytest.approx(
+        100 * sum(predictions[str(i)] == g for i, g in enumerate(gold)) / 40
+    )
+    assert result["teacher_accuracy"] > 0 and result["relative_drop"] < 1
     assert result["scheme"] == "dynamic_int8" and result["mlflow_run_id"] is None
-    assert len(json.loads((tmp_path / "sst2" / "predictions.json").read_text())) == 40
     assert not (tmp_path / "mlruns").exists()
