@@ -11,7 +11,8 @@ in a directory that also has train-v1.1.json, the official protocol. SST-2 data 
 train.tsv and dev.tsv. Overrides after `--` apply to every row (e.g. task.holdout_offset=1).
 
 Every row is added to docs/accuracy.json (a row measured again replaces the old one) and the table in
-docs/accuracy.md is written anew from it; --json PATH also writes this run's rows alone.
+docs/accuracy.md is written anew from it (--doc PATH: another markdown file, its records beside it);
+--json PATH also writes this run's rows alone.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ sys.path.insert(0, str(ROOT))  # run from a checkout: `python benchmarks/accurac
 
 from fastcpu.__main__ import CONFIG_DIR, quiet_library_noise, user_errors  # noqa: E402
 
-RECORDS = ROOT / "docs" / "accuracy.json"
 DOC = ROOT / "docs" / "accuracy.md"
 TABLE_START, TABLE_END = "<!-- accuracy table: written by benchmarks/accuracy.py -->", "<!-- end of table -->"
 KEY = ("task", "recipe", "sparsity", "layers", "overrides")
@@ -91,13 +91,13 @@ def record(task: str, recipe: str, sparsity: float, layers: int, overrides: list
     }
 
 
-def merge(rows: list[dict]) -> list[dict]:
-    """docs/accuracy.json with `rows` added, replacing rows of the same key."""
-    stored = json.loads(RECORDS.read_text()) if RECORDS.exists() else []
+def merge(records: Path, rows: list[dict]) -> list[dict]:
+    """The records file with `rows` added, replacing rows of the same key."""
+    stored = json.loads(records.read_text()) if records.exists() else []
     keys = {tuple(json.dumps(row[k]) for k in KEY) for row in rows}
     kept = [row for row in stored if tuple(json.dumps(row[k]) for k in KEY) not in keys]
     merged = sorted(kept + rows, key=lambda r: (r["task"], r["layers"], r["sparsity"], r["recipe"]))
-    RECORDS.write_text(json.dumps(merged, indent=1) + "\n")
+    records.write_text(json.dumps(merged, indent=1) + "\n")
     return merged
 
 
@@ -118,11 +118,11 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_doc(rows: list[dict]) -> None:
-    text = DOC.read_text() if DOC.exists() else f"# Accuracy\n\n{TABLE_START}\n{TABLE_END}\n"
+def write_doc(doc: Path, rows: list[dict]) -> None:
+    text = doc.read_text() if doc.exists() else f"# Accuracy\n\n{TABLE_START}\n{TABLE_END}\n"
     head, _, rest = text.partition(TABLE_START)
     _, _, tail = rest.partition(TABLE_END)
-    DOC.write_text(f"{head}{TABLE_START}\n{table(rows)}\n{TABLE_END}{tail}")
+    doc.write_text(f"{head}{TABLE_START}\n{table(rows)}\n{TABLE_END}{tail}")
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -139,6 +139,12 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--sparsity", nargs="+", type=float, default=[0.8])
     parser.add_argument("--layers", nargs="+", type=int, default=[6])
     parser.add_argument("--json", type=Path, help="also write this run's rows here")
+    parser.add_argument(
+        "--doc", type=Path, default=DOC, help="the markdown table to rewrite (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--outputs", type=Path, default=ROOT / "outputs" / "accuracy", help="trial directories"
+    )
     args = parser.parse_args(ours)
     unknown = sorted(set(args.recipe) - set(recipes()))
     if unknown:
@@ -180,11 +186,11 @@ def main(argv: list[str]) -> None:
         stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
         for recipe, layers, sparsity, cfg in plan:
             torch._dynamo.reset()
-            out = ROOT / "outputs" / "accuracy" / args.task / f"{stamp}_{recipe}_s{sparsity:g}_l{layers}"
+            out = args.outputs / args.task / f"{stamp}_{recipe}_s{sparsity:g}_l{layers}"
             result = run_trial(cfg, out, teachers=teachers)
             rows.append(record(args.task, recipe, sparsity, layers, overrides, result))
-            merged = merge([rows[-1]])
-            write_doc(merged)
+            merged = merge(args.doc.with_suffix(".json"), [rows[-1]])
+            write_doc(args.doc, merged)
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=1) + "\n")
             print(table([rows[-1]]).splitlines()[-1], flush=True)

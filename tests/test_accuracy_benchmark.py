@@ -1,0 +1,95 @@
+"""benchmarks/accuracy.py: a real row end to end on fixture data (teacher fine-tuned, student trained and
+scored on its artifact, the table and records written), and bad input refused before any work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURES, ROOT
+
+SCRIPT = ROOT / "benchmarks" / "accuracy.py"
+TINY = [
+    "task.max_seq_length=48",
+    "teacher.training.max_steps=30",
+    "teacher.training.learning_rate=5e-4",
+    "training.max_steps=4",
+    "training.batch_size=8",
+    "pruning.frequency=1",
+    "quantization.calibration_samples=8",
+    "runtime.batch_size=8",
+    "runtime.warmup=1",
+    "runtime.rounds=2",
+    "runtime.iterations=2",
+]
+
+
+def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=900
+    )
+
+
+@pytest.fixture(scope="module")
+def sst2_dir(tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("sst2")
+    shutil.copy(FIXTURES / "sst2_tiny_train.tsv", data / "train.tsv")
+    shutil.copy(FIXTURES / "sst2_tiny.tsv", data / "dev.tsv")
+    return data
+
+
+def test_one_row_is_trained_scored_on_its_artifact_and_tabled(tmp_path, sst2_dir):
+    doc = tmp_path / "accuracy.md"
+    args = ["--task", "sst2", "--data", str(sst2_dir), "--recipe", "magnitude", "--sparsity", "0.5"]
+    args += ["--layers", "1", "--doc", str(doc), "--json", str(tmp_path / "rows.json")]
+    args += ["--outputs", str(tmp_path / "out"), "--", *TINY, f"teacher.cache_dir={tmp_path / 'cache'}"]
+    done = run(args, tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    (row,) = json.loads((tmp_path / "rows.json").read_text())
+    assert (row["task"], row["recipe"], row["sparsity"], row["layers"]) == ("sst2", "magnitude", 0.5, 1)
+    result = json.loads((Path(row["artifact"]).parent / "result.json").read_text())
+    assert (
+        row["student_score"] == result["accuracy"] and row["teacher_score"] == result["teacher_accuracy"] > 0
+    )
+    assert row["relative_drop"] == pytest.approx(
+        (row["teacher_score"] - row["student_score"]) / row["teacher_score"]
+    )
+    assert row["throughput"] > 0 and row["train_seconds"] > 0 and row["backend"].startswith("auto ->")
+    assert json.loads(doc.with_suffix(".json").read_text()) == [row]
+    assert "| sst2 | 1 | 50% | magnitude |" in doc.read_text()
+    # the same row measured again replaces the old one
+    again = run(args, tmp_path)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert len(json.loads(doc.with_suffix(".json").read_text())) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--task", "sst2", "--data", "nowhere"], "SST-2 needs a directory with train.tsv and dev.tsv"),
+        (["--task", "squad", "--data", "nowhere"], "SQuAD needs dev-v1.1.json"),
+        (
+            ["--task", "sst2", "--data", ".", "--recipe", "nope"],
+            "unknown recipe(s) ['nope']; allowed: default",
+        ),
+        (["--task", "sst2", "--data", ".", "--sparsity", "1"], "--sparsity [1.0]: allowed [0, 1)"),
+        (["--task", "mnli", "--data", "."], "invalid choice: 'mnli'"),
+    ],
+)
+def test_bad_input_is_one_error_before_any_work(tmp_path, args, message):
+    done = run(args, tmp_path)
+    assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_layer_count_the_teacher_lacks_is_refused_before_training(tmp_path, sst2_dir):
+    done = run(
+        ["--task", "sst2", "--data", str(sst2_dir), "--layers", "9", "--doc", str(tmp_path / "a.md")],
+        tmp_path,
+    )
+    assert done.returncode != 0 and "--layers 9: the teacher has 6 layers" in done.stderr
+    assert not (tmp_path / "a.json").exists()
