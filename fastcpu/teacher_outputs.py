@@ -172,9 +172,22 @@ class CachedTeacher(LiveTeacher):
     def __call__(self, rows: torch.Tensor, inputs: dict[str, torch.Tensor], needs: Needs) -> ModelOutputs:
         if self.live:
             return super().__call__(rows, inputs, needs)
-        device = inputs["input_ids"].device
-        take = {name: tensor[rows].to(device) for name, tensor in self.stored.items()}
+        device, length = inputs["input_ids"].device, inputs["input_ids"].shape[1]
+        full = self.features.inputs["input_ids"].shape[1]
+        take = {
+            name: _cut(name, tensor[rows], full, length).to(device) for name, tensor in self.stored.items()
+        }
         return _unflatten(take, self.names, needs)
+
+
+def _cut(name: str, stored: torch.Tensor, full: int, length: int) -> torch.Tensor:
+    """Outputs stored for full-length rows, for a batch whose padding was trimmed to `length`: padding
+    never changes what real tokens see, so their first `length` positions are the same."""
+    if name.startswith("attentions."):
+        return stored[:, :, :length, :length]
+    if stored.dim() >= 2 and stored.shape[1] == full:  # a token axis: hidden states, position logits
+        return stored[:, :length]
+    return stored  # class logits
 
 
 def _flatten(outputs: ModelOutputs) -> dict[str, torch.Tensor]:

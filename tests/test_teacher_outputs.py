@@ -12,6 +12,7 @@ from transformers import BertForQuestionAnswering
 
 from fastcpu.methods import Needs
 from fastcpu.teacher_outputs import CachedTeacher, LiveTeacher
+from fastcpu.training import trim_padding
 
 NAMES = ("start_logits", "end_logits")
 HIDDEN = Needs(teacher=True, hidden_states=True)
@@ -96,3 +97,21 @@ def test_outputs_over_the_budget_are_computed_live(features, cache):
     rows = torch.tensor([1, 2])
     inputs = {name: tensor[rows] for name, tensor in features.inputs.items()}
     assert teacher(rows, inputs, HIDDEN).hidden_states is not None
+
+
+def test_cached_outputs_fit_a_batch_trimmed_of_its_padding(features, cache):
+    """Training cuts each batch to its longest row; the cache, computed on full rows, gives the same
+    outputs as the teacher run on the trimmed batch."""
+    teacher = cached(features, cache, autocast=FP32)
+    rows = torch.argsort(features.inputs["attention_mask"].sum(1))[:3]  # the shortest rows
+    inputs = trim_padding({name: tensor[rows] for name, tensor in features.inputs.items()})
+    assert inputs["input_ids"].shape[1] < features.inputs["input_ids"].shape[1]
+    live = LiveTeacher(teacher.model, NAMES)
+    live.prepare(HIDDEN, FP32, CPU)
+    expected, got = live(rows, inputs, HIDDEN), teacher(rows, inputs, HIDDEN)
+    real = inputs["attention_mask"].bool()
+    for name in NAMES:
+        assert got.logits[name].shape == expected.logits[name].shape
+        torch.testing.assert_close(got.logits[name][real], expected.logits[name][real], atol=1e-4, rtol=1e-4)
+    for mine, theirs in zip(got.hidden_states, expected.hidden_states, strict=True):
+        torch.testing.assert_close(mine[real].float(), theirs[real].float(), atol=2e-2, rtol=2e-2)

@@ -10,7 +10,7 @@ from transformers import BertForQuestionAnswering
 from fastcpu.distillation import Distiller, build_distillation
 from fastcpu.pruning import MagnitudePruning, make_pruner
 from fastcpu.teacher_outputs import LiveTeacher
-from fastcpu.training import TrainingConfig, lr_factor, train
+from fastcpu.training import TrainingConfig, lr_factor, train, trim_padding
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +62,25 @@ def test_learning_rate_warms_up_decays_and_rewinds_when_the_masks_freeze():
     assert rewound[:70] == [lr_factor(step, 70, 0.1) for step in range(70)]  # the first segment ends at 0
     assert rewound[69] < 0.02 and rewound[70] == pytest.approx(1 / 3) and rewound[72] == 1.0  # starts over
     assert rewound[99] == pytest.approx(1 / 27)
+
+
+def test_length_grouped_batches_cover_every_row_once_with_less_padding(setup):
+    _, features = setup
+    lengths = features.inputs["attention_mask"].sum(1)
+
+    def epoch(by_length: bool) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(3)
+        return [rows for rows, _, _ in features.indexed_batches(4, True, generator, by_length=by_length)]
+
+    grouped, plain = epoch(True), epoch(False)
+    assert sorted(torch.cat(grouped).tolist()) == list(range(len(features)))
+    assert [b.tolist() for b in grouped] == [b.tolist() for b in epoch(True)]  # seeded
+
+    def padded_tokens(batches: list[torch.Tensor]) -> int:
+        return sum(int(lengths[b].max()) * len(b) for b in batches)
+
+    assert padded_tokens(grouped) < padded_tokens(plain)
+    inputs = {name: tensor[grouped[0]] for name, tensor in features.inputs.items()}
+    trimmed = trim_padding(inputs)
+    assert trimmed["input_ids"].shape[1] == int(lengths[grouped[0]].max())
+    assert torch.equal(trimmed["input_ids"], inputs["input_ids"][:, : trimmed["input_ids"].shape[1]])

@@ -76,17 +76,40 @@ class Features:
         return len(next(iter(self.inputs.values()))) if self.inputs else 0
 
     def indexed_batches(
-        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        by_length: bool = False,
     ) -> Iterator[tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]]:
-        """Yield (row indices, inputs, labels) batches; the last one may be short."""
+        """Yield (row indices, inputs, labels) batches; the last one may be short. `by_length` (with
+        `shuffle`) puts rows of similar length in one batch, so less of each batch is padding."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         n = len(self)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        if not shuffle:
+            order = torch.arange(n)
+        elif by_length:
+            order = self._length_grouped_order(batch_size, generator)
+        else:
+            order = torch.randperm(n, generator=generator)
         for start in range(0, n, batch_size):
             rows = order[start : start + batch_size]
             taken = rows if shuffle else slice(start, start + batch_size)  # a slice takes views, not copies
             yield rows, _take(self.inputs, taken), _take(self.labels, taken)
+
+    def _length_grouped_order(self, batch_size: int, generator: torch.Generator | None) -> Tensor:
+        """A random order in which each run of `batch_size` rows has similar lengths: shuffle, sort each
+        window of 50 batches by length, then shuffle the batches (the rule of Hugging Face's
+        group_by_length)."""
+        lengths = self.inputs["attention_mask"].sum(1)
+        order = torch.randperm(len(self), generator=generator)
+        window = 50 * batch_size
+        chunks = [order[i : i + window] for i in range(0, len(order), window)]
+        grouped = torch.cat([c[torch.argsort(lengths[c], descending=True, stable=True)] for c in chunks])
+        batches = list(grouped.split(batch_size))
+        shuffled = torch.randperm(len(batches), generator=generator)
+        return torch.cat([batches[i] for i in shuffled])
 
     def batches(
         self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
