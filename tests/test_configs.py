@@ -190,7 +190,7 @@ def test_a_recipe_only_picks_options(recipe):
     text = yaml.safe_load((CONF / "recipe" / f"{recipe}.yaml").read_text())
     assert set(text) == {"defaults"}
     config = TrialConfig.from_hydra(compose_config([f"recipe={recipe}"]))
-    assert config.pruning.name in ("magnitude", "movement") and config.distillation.terms
+    assert config.pruning.name in ("magnitude", "movement", "reconstruct") and config.distillation.terms
     # An experiment picks a recipe, so the recipe asked for on the command line is the one that runs.
     in_experiment = TrialConfig.from_hydra(compose_config(["+experiment=squad", f"recipe={recipe}"]))
     for group in ("pruning", "distillation", "quantization"):

@@ -14,13 +14,16 @@ from fastcpu.methods import Method
 from fastcpu.pruning import (
     MagnitudePruning,
     MovementPruning,
+    ReconstructPruning,
     Schedule,
     StructuredPruning,
     magnitude_mask,
     make_pruner,
+    reconstruct,
     select_units,
     sparsity_report,
 )
+from fastcpu.quantization import SCHEMES, make_quantizer
 from fastcpu.training import TrainingConfig, train
 
 
@@ -240,3 +243,48 @@ class GradientRecorder(Method):
         for name, module in self.linears.items():
             dense = torch.where(self.pruner.masks[name], module.weight, self.pruner.kept_aside[name])
             self.total[name] -= module.weight.grad * dense.detach()
+
+
+@pytest.mark.parametrize("pattern", ["4x1", "unstructured"])
+def test_reconstruction_solves_the_kept_weights_exactly(pattern):
+    """Same sparsity, exact per row (group): the kept weights are the least-squares solution on the inputs
+    seen, so the output error is far below magnitude pruning's and equals a direct lstsq on that mask."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(2000, 64, generator=generator) @ torch.randn(64, 64, generator=generator)
+    linear = torch.nn.Linear(64, 32)
+    original = linear.weight.detach().clone()
+    keep = reconstruct(linear, inputs.T @ inputs / len(inputs), 0.6, pattern, damping=1e-8)
+    assert bool((linear.weight[~keep] == 0).all())
+    assert (~keep).float().mean().item() == round(0.6 * 64) / 64
+    if pattern == "4x1":
+        blocks = keep.view(8, 4, 64)
+        assert bool((blocks.all(1) | (~blocks).all(1)).all()), "a 4x1 block is partly pruned"
+
+    def error(weight: torch.Tensor) -> float:
+        return float((inputs @ original.T - inputs @ weight.T).pow(2).mean())
+
+    best = torch.zeros_like(original)
+    for row in range(32):
+        best[row, keep[row]] = torch.linalg.lstsq(inputs[:, keep[row]], inputs @ original[row]).solution
+    assert error(linear.weight.detach()) == pytest.approx(error(best), rel=1e-3)
+    assert error(linear.weight.detach()) < 0.7 * error(original * magnitude_mask(original, 0.6, pattern))
+
+
+@pytest.mark.parametrize("scheme", ["static_int8", "qat_int8"])
+def test_reconstruction_collects_inputs_in_training_then_prunes_once(tokenizer, scheme):
+    """Inputs are gathered from the training steps before `end` (through QAT's wrappers too), every Linear
+    is pruned at the `end` step, and the masks then stay as they are."""
+    task = tiny_squad_task(max_seq_length=64, doc_stride=16, max_query_length=24)
+    features = task.train_features(tokenizer, list(tokenizer.model_input_names))
+    model = tiny_bert_model(BertForQuestionAnswering)
+    pruner = make_pruner(ReconstructPruning(sparsity=0.75, pattern="4x1", end=0.4), 10)
+    recorder = SparsityRecorder()
+    quantizer = make_quantizer(
+        SCHEMES.build({"scheme": scheme, "start": 0.0} if scheme == "qat_int8" else {"scheme": scheme}), 10
+    )
+    training = TrainingConfig(max_steps=10, batch_size=4, learning_rate=1e-3, precision="fp32")
+    train(model, task, features, training, seed=0, methods=[pruner, quantizer, recorder])
+    assert all(n > 0 for n in pruner.samples.values()) and not pruner.hooks
+    assert recorder.history[:4] == [0.0] * 4
+    assert recorder.history[4:] == pytest.approx([0.75] * 6, abs=0.005)
+    assert sparsity_report(model)["overall"] == pytest.approx(0.75, abs=0.005)

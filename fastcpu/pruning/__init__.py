@@ -3,6 +3,7 @@
 - `none` (base.py): the student stays dense;
 - `magnitude` (magnitude.py): gradual pruning of single weights or 4x1 blocks by their magnitude;
 - `movement` (movement.py): the same schedule, units scored by how training moves them (Sanh et al.);
+- `reconstruct` (reconstruct.py): one step, the kept weights solved to reproduce each Linear's outputs;
 - `structured` (structured.py): whole heads and FFN neurons, cut out of the weights at export.
 
 Adding a method is a module here (a config dataclass and a `Pruner` subclass registered in `PRUNERS`)
@@ -13,6 +14,7 @@ from .base import PRUNERS, NoPruning, Pruner, Schedule, make_pruner, sparsity_re
 from .magnitude import MagnitudePruner, MagnitudePruning
 from .masks import BLOCK, MaskPruner, UnitPruning, magnitude_mask, select_units
 from .movement import MovementPruner, MovementPruning
+from .reconstruct import ReconstructPruner, ReconstructPruning, reconstruct
 from .structured import StructuredPruner, StructuredPruning
 
 __all__ = [
@@ -26,10 +28,13 @@ __all__ = [
     "NoPruning",
     "Pruner",
     "Schedule",
+    "ReconstructPruner",
+    "ReconstructPruning",
     "StructuredPruner",
     "StructuredPruning",
     "UnitPruning",
     "magnitude_mask",
+    "reconstruct",
     "make_pruner",
     "select_units",
     "sparsity_report",
