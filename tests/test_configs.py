@@ -62,7 +62,10 @@ def test_main_experiment_settings():
     config = TrialConfig.from_hydra(compose_config(["+experiment=squad"]))
     assert config.pruning.pattern == "4x1"
     assert config.quantization.scheme == "static_int8"
-    assert config.distillation.task_weight == 0.5
+    assert config.pruning.name == "reconstruct" and config.pruning.sparsity == 0.8
+    assert (
+        config.distillation.task_weight == 0.5 and config.distillation.terms["tinybert"].attention_weight == 0
+    )
     kd = config.distillation.terms["logit_kd"]
     assert (kd.weight, kd.temperature, kd.skew) == (0.5, 2.0, 0.0)
     assert config.student.layers == [0, 2, 4]
@@ -115,6 +118,7 @@ def test_cuda_without_a_gpu_is_refused_saying_what_was_found(key):
 
 def test_a_loss_whose_weights_are_all_zero_is_refused():
     overrides = ["+experiment=squad", "distillation.task_weight=0", "distillation.logit_kd.weight=0"]
+    overrides.append("distillation.tinybert.weight=0")
     with pytest.raises(ConfigError, match="every weight of the loss is zero"):
         TrialConfig.from_hydra(compose_config(overrides))
 

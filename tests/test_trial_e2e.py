@@ -84,8 +84,8 @@ def test_trial_writes_result_predictions_and_artifact(trial):
         assert isinstance(result[key], float), key
     assert result["throughput"] > 0 and result["latency_p90_ms"] >= result["latency_p50_ms"] > 0
     assert result["scheme"] == "static_int8" and "int8" in result["backend_description"]
-    # 80% 4x1 blocks, plus the few weights int8 rounds to zero
-    assert all(0.8 <= v < 0.82 for v in result["sparsity_per_layer"].values())
+    # 80% of each row group's 4x1 blocks (307 of 384, 1229 of 1536), plus the few weights int8 rounds to zero
+    assert all(0.799 <= v < 0.82 for v in result["sparsity_per_layer"].values())
     assert result["sparsity"] == pytest.approx(0.8, abs=0.02)
     assert_scores_are_the_predictions(result, json.loads((out / "predictions.json").read_text()))
     manifest = json.loads((out / "artifact" / "manifest.json").read_text())
