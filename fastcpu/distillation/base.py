@@ -38,10 +38,6 @@ class DistillationConfig:
     task_weight: float = 1.0  # weight of the task loss on the labels
     terms: dict[str, Any] = field(default_factory=dict)  # term name -> its config
 
-    @property
-    def needs_teacher(self) -> bool:
-        return any(term.weight > 0 for term in self.terms.values())
-
 
 def build_distillation(node: Any, key: str = "distillation") -> DistillationConfig:
     """The config from `{task_weight: ..., <term>: {...}, ...}`; one ConfigError for anything wrong."""
