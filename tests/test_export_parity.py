@@ -41,13 +41,14 @@ def student_for(scheme: str, pruning, task, features) -> torch.nn.Module:
     config = TrainingConfig(max_steps=8, batch_size=8, learning_rate=3e-4, precision="fp32")
     steps = config.total_steps(len(features[0]))
     methods = [make_pruner(pruning, steps), make_quantizer(quantization, steps)]
-    pruned, _ = train(student, task, features[0], config, seed=0, methods=methods).records
-    return student, quantization, pruned
+    records = train(student, task, features[0], config, seed=0, methods=methods).records
+    return student, quantization, records  # (pruning's record, quantization's record)
 
 
-def export_and_session(tmp_path, student, quantization, pruning, task, features, tokenizer, backend):
+def export_and_session(tmp_path, student, quantization, records, task, features, tokenizer, backend):
+    pruned, quantized = records
     path = export_artifact(
-        tmp_path / "artifact", student, tokenizer, task, quantization, pruning, features[0], SEQ
+        tmp_path / "artifact", student, tokenizer, task, quantization, pruned, features[0], SEQ, quantized
     )
     return rt.create_session(rt.load_artifact(path), backend, batch_size=8, seq_len=SEQ)
 
