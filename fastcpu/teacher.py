@@ -102,8 +102,13 @@ def _digest(obj: Any) -> str:
 
 def weights_digest(model: nn.Module) -> str:
     """sha256 over every tensor's name, dtype, shape and bytes: identifies the source weights."""
+    return tensors_digest(model.state_dict())
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(tensors.items()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -14,7 +14,6 @@ import json
 import logging
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -22,10 +21,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastcpu_runtime.artifact import sha256_file
+
 from . import __version__
 from .methods import ModelOutputs, Needs, model_outputs, request_attention_maps
 from .tasks.base import Features
-from .teacher import exclusive, weights_digest
+from .teacher import exclusive, tensors_digest, weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -61,22 +62,6 @@ def stored_bytes(model: nn.Module, names: tuple[str, ...], features: Features, n
     return per_row * len(features)
 
 
-def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(tensors.items()):
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class CachedTeacher(LiveTeacher):
     """Teacher outputs for every training row, computed once per teacher and data and read by row."""
 
@@ -88,12 +73,11 @@ class CachedTeacher(LiveTeacher):
         super().__init__(model, names)
         self.features, self.directory, self.budget_mb = features, Path(cache_dir).expanduser(), budget_mb
         self.live = False
-        self.seconds_computing = 0.0
 
     def key(self, needs: Needs, autocast: torch.autocast) -> str:
         parts = {
             "teacher": weights_digest(self.model),
-            "rows": _tensors_digest(self.features.inputs),
+            "rows": tensors_digest(self.features.inputs),
             "outputs": [list(self.names), needs.hidden_states, needs.attentions],
             "precision": str(autocast.fast_dtype) if autocast._enabled else "fp32",
             "version": __version__,
@@ -119,7 +103,6 @@ class CachedTeacher(LiveTeacher):
                 self.directory / "outputs" / key, needs, autocast, device
             )
         self.stored = self._memory[key]
-        self.needs = needs
 
     def _load_or_compute(
         self, entry: Path, needs: Needs, autocast: torch.autocast, device: torch.device
@@ -127,7 +110,7 @@ class CachedTeacher(LiveTeacher):
         with exclusive(entry.with_suffix(".lock")):  # workers of one study compute it once
             if entry.exists():
                 recorded = json.loads((entry / "checksums.json").read_text())
-                if all(_file_sha256(entry / name) == sha for name, sha in recorded.items()):
+                if all(sha256_file(entry / name) == sha for name, sha in recorded.items()):
                     log.info("teacher outputs read from %s", entry)
                     return load_file(str(entry / "outputs.safetensors"))
                 log.warning("teacher outputs at %s do not match their checksums: recomputing them", entry)
@@ -140,7 +123,6 @@ class CachedTeacher(LiveTeacher):
     def _compute(
         self, needs: Needs, autocast: torch.autocast, device: torch.device
     ) -> dict[str, torch.Tensor]:
-        started = time.perf_counter()
         chunks: dict[str, list[torch.Tensor]] = {}
         batches = self.features.batches(32)
         for inputs, _ in tqdm(
@@ -154,7 +136,6 @@ class CachedTeacher(LiveTeacher):
                 chunks.setdefault(name, []).append(
                     value.to("cpu", torch.float32 if name in self.names else torch.bfloat16)
                 )
-        self.seconds_computing = time.perf_counter() - started
         return {name: torch.cat(parts) for name, parts in chunks.items()}
 
     def _save(self, entry: Path, stored: dict[str, torch.Tensor]) -> None:
@@ -162,7 +143,7 @@ class CachedTeacher(LiveTeacher):
         staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
         try:
             save_file(stored, str(staging / "outputs.safetensors"))
-            checksums = {"outputs.safetensors": _file_sha256(staging / "outputs.safetensors")}
+            checksums = {"outputs.safetensors": sha256_file(staging / "outputs.safetensors")}
             (staging / "checksums.json").write_text(json.dumps(checksums))
             staging.rename(entry)
         except BaseException:
