@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from test_trial_e2e import TINY_TRIAL
 
-N_TRIALS = 6
+N_TRIALS = 4
 STUDY = "two_workers"
 WORKERS = ("worker_a", "worker_b")
 TIMEOUT = 600  # seconds for both workers together
