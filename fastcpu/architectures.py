@@ -86,3 +86,16 @@ def encoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
 def head_dim(model: nn.Module) -> int:
     config = model.config
     return config.hidden_size // config.num_attention_heads
+
+
+def linear_stages(model: nn.Module) -> list[list[str]]:
+    """The encoder Linears' full names grouped by the input they read, in forward order: per layer
+    the Q/K/V projections (one input), then the attention output, the FFN's first and second Linear."""
+    lmap = layer_map(model)
+    prefix = f"{model.base_model_prefix}.{lmap.layers}"
+    groups = (lmap.attention_in, (lmap.attention_out,), (lmap.ffn_in,), (lmap.ffn_out,))
+    return [
+        [f"{prefix}.{index}.{path}" for path in group]
+        for index in range(len(transformer_layers(model)))
+        for group in groups
+    ]

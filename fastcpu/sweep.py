@@ -84,9 +84,29 @@ class Param:
     def override(self, value: Any) -> str:
         return f"{self.key}={hydra_value(value)}"
 
+    def stored(self, value: Any, where: str) -> Any:
+        """`value` as Optuna stores it for this param (a list choice as its JSON text), or an error
+        naming what the param allows."""
+        if self.type == "categorical":
+            if _frozen(value) not in self.choices:
+                allowed = ", ".join(json.dumps(_thawed(c)) for c in self.choices)
+                raise ConfigError(f"{where}={value!r} is not a choice; allowed: {allowed}")
+            return _label(_frozen(value))
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not self.low <= value <= self.high or (self.type == "int" and value != int(value)):
+            raise ConfigError(
+                f"{where}={value!r}; allowed: a{'n int' if self.type == 'int' else ' number'} "
+                f"in [{self.low}, {self.high}]"
+            )
+        return value
+
 
 def _label(choice: Any) -> Any:
     return choice if choice is None or isinstance(choice, (bool, int, float, str)) else json.dumps(choice)
+
+
+def _thawed(value: Any) -> Any:
+    return [_thawed(v) for v in value] if isinstance(value, tuple) else value
 
 
 @dataclass(frozen=True)
@@ -119,6 +139,7 @@ class Sweep:
     fixed: tuple[str, ...]  # overrides every trial of the sweep gets
     objectives: tuple[Objective, ...]
     constraints: tuple[Constraint, ...]
+    enqueue: tuple[dict[str, Any], ...] = ()  # first trials: {param key: value as Optuna stores it}
 
     def suggest(self, trial: Any) -> list[str]:
         """The overrides Optuna picks for `trial`, one per searched key."""
@@ -150,6 +171,20 @@ class Sweep:
                     raise ConfigError(
                         f"sweep {self.path}: params.{param.key}={value!r}: {_first_line(error)}"
                     ) from error
+        by_key = {p.key: p for p in self.params}
+        for index, point in enumerate(self.enqueue):
+            overrides = [by_key[key].override(_thawed(_parsed(by_key[key], v))) for key, v in point.items()]
+            try:
+                compose([*self.fixed, *overrides])
+            except Exception as error:
+                raise ConfigError(f"sweep {self.path}: enqueue[{index}]: {_first_line(error)}") from error
+
+
+def _parsed(param: Param, stored: Any) -> Any:
+    """The config value of a param's stored (Optuna) value."""
+    if param.type != "categorical":
+        return stored
+    return next(c for c in param.choices if _label(c) == stored)
 
 
 def _first_line(error: Exception) -> str:
@@ -173,17 +208,32 @@ def load_sweep(name: str) -> Sweep:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"sweep {path} is not valid YAML: {error}") from error
-    _check_keys(tree, {"params", "fixed", "objectives", "constraints"}, f"sweep {path}")
+    _check_keys(tree, {"params", "fixed", "enqueue", "objectives", "constraints"}, f"sweep {path}")
     params = tree.get("params") or {}
     if not isinstance(params, Mapping) or not params:
         raise ConfigError(f"sweep {path}: params must map at least one config key to a distribution")
+    parsed = tuple(_param(key, spec, f"sweep {path}: params.{key}") for key, spec in params.items())
     return Sweep(
         path=path,
-        params=tuple(_param(key, spec, f"sweep {path}: params.{key}") for key, spec in params.items()),
+        params=parsed,
         fixed=tuple(f"{key}={hydra_value(v)}" for key, v in _mapping(tree, "fixed", path).items()),
         objectives=_objectives(_mapping(tree, "objectives", path), path),
         constraints=tuple(_constraint(text, path) for text in tree.get("constraints") or []),
+        enqueue=_enqueue(tree.get("enqueue") or [], {p.key: p for p in parsed}, path),
     )
+
+
+def _enqueue(points: Any, params: Mapping[str, Param], path: Path) -> tuple[dict[str, Any], ...]:
+    """The sweep's first trials: each a mapping from searched keys to values those params allow (keys
+    left out are sampled)."""
+    if not isinstance(points, list):
+        raise ConfigError(f"sweep {path}: enqueue must be a list of mappings, got {points!r}")
+    stored = []
+    for index, point in enumerate(points):
+        where = f"sweep {path}: enqueue[{index}]"
+        _check_keys(point, set(params), where)
+        stored.append({key: params[key].stored(value, f"{where}.{key}") for key, value in point.items()})
+    return tuple(stored)
 
 
 def _check_keys(tree: Any, allowed: set[str], where: str) -> None:

@@ -49,6 +49,7 @@ from .artifact import Artifact, load_artifact
 from .auto import AUTO, backend_description
 from .backends import available_backends, get_backend
 from .bench import latency_percentiles_ms, time_calls
+from .cpu import cpu_flags, cpu_model
 from .errors import ArtifactError, BackendError
 from .inputs import fit_rows, synthetic_batch
 from .session import Session, create_session
@@ -155,14 +156,9 @@ def _known_noise_silenced() -> Iterator[None]:
 
 def system_info() -> dict[str, Any]:
     """What the numbers depend on: CPU, the ISA extensions the kernels use, core count and versions."""
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    fields = {}
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())  # the first processor's entry
-    flags = set(fields.get("flags", "").split())
+    flags = cpu_flags()
     return {
-        "cpu": fields.get("model name") or platform.processor(),
+        "cpu": cpu_model(),
         "isa": [flag for flag in _ISA_FLAGS if flag in flags],
         "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)),

@@ -7,11 +7,17 @@ import pytest
 import torch
 from runtime_helpers import BATCH, SEQ, logits_cosine
 
-from fastcpu_runtime import AUTO, available_backends, create_session, load_artifact, pick_backend
-from fastcpu_runtime.auto import SPARSE_MIN_BLOCK_SPARSITY, block_sparsity_4x1, int8_block_sparsity
+from fastcpu_runtime import AUTO, auto, available_backends, create_session, load_artifact, pick_backend
+from fastcpu_runtime.auto import (
+    SPARSE_MIN_BLOCK_SPARSITY,
+    block_sparsity_4x1,
+    int8_block_sparsity,
+    sparse_pays_off,
+)
 from fastcpu_runtime.synthetic import synthetic_model, write_synthetic_artifact
 
-SPARSE = "sparse" if "sparse" in available_backends() else "native"  # sparse needs x86 and a C++ compiler
+# sparse needs x86 and a C++ compiler, and auto prefers native's dense int8 on a CPU with AMX int8
+SPARSE = "sparse" if "sparse" in available_backends() and sparse_pays_off() else "native"
 THRESHOLD = f"{SPARSE_MIN_BLOCK_SPARSITY:.2f}"
 CASES = {  # name: (sparsity, pattern, scheme)
     "int8_4x1": (0.8, "4x1", "static_int8"),
@@ -58,6 +64,29 @@ def test_block_sparsity_counts_all_zero_4x1_blocks_with_padded_rows():
 def test_pick_backend(artifacts, case, backend, reason):
     name, why = pick_backend(load_artifact(artifacts[case]))
     assert name == backend and why.startswith(reason), (name, why)
+
+
+@pytest.mark.skipif(
+    "sparse" not in available_backends(), reason="the sparse backend needs x86 and a compiler"
+)
+@pytest.mark.parametrize(
+    ("flags", "backend", "why"),
+    [
+        ({"avx512_vnni"}, "sparse", ""),
+        (
+            {"avx512_vnni", "amx_tile", "amx_int8"},
+            "native",
+            ", but this CPU has AMX int8, where dense int8 beats",
+        ),
+    ],
+)
+def test_block_sparse_int8_goes_to_native_on_a_cpu_with_amx(artifacts, monkeypatch, flags, backend, why):
+    """The CPU's flags decide between the VNNI sparse kernels and native's AMX dense int8."""
+    monkeypatch.setattr(auto, "cpu_flags", lambda: frozenset(flags))
+    name, reason = pick_backend(load_artifact(artifacts["int8_4x1"]))
+    assert name == backend and reason.startswith(
+        f"4x1 block sparsity 0.80 of the int8 Linears >= {THRESHOLD}{why}"
+    )
 
 
 def test_unstructured_int8_has_few_all_zero_blocks(artifacts):

@@ -220,3 +220,47 @@ def test_sampler_is_selectable_and_seeded(sampler, kind):
 def test_unknown_sampler_is_refused():
     with pytest.raises(ConfigError, match="search.sampler='cmaes' is unknown; allowed: tpe, nsga2"):
         build(SearchConfig, {"sampler": "cmaes"}, "search")
+
+
+ENQUEUE = """\
+params:
+  pruning.sparsity: {type: float, low: 0.0, high: 0.9}
+  student.layers: {type: categorical, choices: [[0, 2, 4], [0, 1, 2, 3, 4, 5]]}
+enqueue:
+  - {student.layers: [0, 1, 2, 3, 4, 5], pruning.sparsity: 0.0}
+  - {student.layers: [0, 2, 4]}
+objectives: {f1: maximize}
+"""
+
+
+def test_enqueued_points_are_the_first_trials_then_the_sampler_takes_over(tmp_path):
+    from fastcpu.search import open_study
+
+    sweep = load_sweep(str(write_sweep(tmp_path, ENQUEUE)))
+    sweep.check_keys(composer("squad"))
+    config = SearchConfig(storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="s")
+    study, created = open_study(config, sweep)
+    suggested = []
+    study.optimize(lambda trial: suggested.append(sweep.suggest(trial)) or 0.0, n_trials=3)
+    assert created and suggested[0] == ["pruning.sparsity=0.0", "student.layers=[0,1,2,3,4,5]"]
+    assert suggested[1][1] == "student.layers=[0,2,4]" and suggested[1][0] != "pruning.sparsity=0.0"
+    again, created = open_study(config, sweep)  # a resumed study does not queue them twice
+    assert not created and len(again.trials) == 3
+
+
+@pytest.mark.parametrize(
+    ("point", "message"),
+    [
+        ("{student.layers: [0, 5]}", "enqueue[0].student.layers=[0, 5] is not a choice; allowed: [0, 2, 4]"),
+        ("{pruning.sparsity: 0.95}", "enqueue[0].pruning.sparsity=0.95; allowed: a number in [0.0, 0.9]"),
+        ("{training.epochs: 2}", "enqueue[0]: unknown key(s) ['training.epochs']; allowed: pruning.sparsity"),
+        ("[0.5]", "enqueue[0] must be a mapping"),
+    ],
+)
+def test_bad_enqueued_point_is_one_clear_error(tmp_path, point, message):
+    body = ENQUEUE.replace("  - {student.layers: [0, 2, 4]}\n", "").replace(
+        "  - {student.layers: [0, 1, 2, 3, 4, 5], pruning.sparsity: 0.0}", f"  - {point}"
+    )
+    with pytest.raises(ConfigError) as error:
+        load_sweep(str(write_sweep(tmp_path, body)))
+    assert message in str(error.value)

@@ -1,0 +1,26 @@
+"""What this CPU offers the kernels: its model name and ISA flags, read once from /proc/cpuinfo (empty
+where there is none, e.g. macOS)."""
+
+from __future__ import annotations
+
+import functools
+import platform
+from pathlib import Path
+
+
+@functools.cache
+def _first_processor() -> dict[str, str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    fields: dict[str, str] = {}
+    for line in (cpuinfo.read_text() if cpuinfo.exists() else "").splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first processor's entry
+    return fields
+
+
+def cpu_model() -> str:
+    return _first_processor().get("model name") or platform.processor()
+
+
+def cpu_flags() -> frozenset[str]:
+    return frozenset(_first_processor().get("flags", "").split())
