@@ -27,6 +27,11 @@ class LayerMap:
     def attention_in(self) -> tuple[str, str, str]:
         return (self.query, self.key, self.value)
 
+    @property
+    def stages(self) -> tuple[tuple[str, ...], ...]:
+        """The layer's Linears grouped by the input they read, in forward order."""
+        return (self.attention_in, (self.attention_out,), (self.ffn_in,), (self.ffn_out,))
+
 
 _BERT = LayerMap(
     layers="encoder.layer",
@@ -64,6 +69,11 @@ def layer_map(model: nn.Module) -> LayerMap:
     return LAYER_MAPS[model_type]
 
 
+def layers_prefix(model: nn.Module) -> str:
+    """The full module name of the list of Transformer layers, e.g. `bert.encoder.layer`."""
+    return f"{model.base_model_prefix}.{layer_map(model).layers}"
+
+
 def transformer_layers(model: nn.Module) -> nn.ModuleList:
     """The model's list of Transformer layers."""
     return model.base_model.get_submodule(layer_map(model).layers)
@@ -75,7 +85,7 @@ def encoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
     These are the weights that pruning and int8 quantization act on: embeddings, pooler and the
     task head stay dense and in full precision by default (the seed recipe does the same).
     """
-    prefix = f"{model.base_model_prefix}.{layer_map(model).layers}."
+    prefix = f"{layers_prefix(model)}."
     return {
         name: module
         for name, module in model.named_modules()
@@ -86,16 +96,3 @@ def encoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
 def head_dim(model: nn.Module) -> int:
     config = model.config
     return config.hidden_size // config.num_attention_heads
-
-
-def linear_stages(model: nn.Module) -> list[list[str]]:
-    """The encoder Linears' full names grouped by the input they read, in forward order: per layer
-    the Q/K/V projections (one input), then the attention output, the FFN's first and second Linear."""
-    lmap = layer_map(model)
-    prefix = f"{model.base_model_prefix}.{lmap.layers}"
-    groups = (lmap.attention_in, (lmap.attention_out,), (lmap.ffn_in,), (lmap.ffn_out,))
-    return [
-        [f"{prefix}.{index}.{path}" for path in group]
-        for index in range(len(transformer_layers(model)))
-        for group in groups
-    ]

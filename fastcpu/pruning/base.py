@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..architectures import layer_map, transformer_layers
+from ..architectures import layer_map, layers_prefix, transformer_layers
 from ..config import Registry, check_range
 from ..methods import Method
 
@@ -102,7 +102,7 @@ def sparsity_report(model: nn.Module) -> dict:
     square, wide = config.hidden_size**2, config.hidden_size * ffn_width(config)
     dense_sizes = {**dict.fromkeys([*lmap.attention_in, lmap.attention_out], square), lmap.ffn_in: wide}
     dense_sizes[lmap.ffn_out] = wide
-    prefix = f"{model.base_model_prefix}.{lmap.layers}"
+    prefix = layers_prefix(model)
     per_layer, zeros_total, dense_total = {}, 0, 0
     for index, layer in enumerate(transformer_layers(model)):
         for path, dense in dense_sizes.items():

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..architectures import linear_stages, transformer_layers
+from ..architectures import layer_map, layers_prefix, transformer_layers
 from ..config import ConfigError, check_range
 from .base import PRUNERS
 from .masks import BLOCK, MaskPruner, UnitPruning, expand_units, magnitude_mask, unit_view
@@ -104,15 +104,14 @@ class ReconstructPruner(MaskPruner):
         calls = [_first_layer_call(self.model, layers[0], inputs) for inputs in self.calibration]
         pruned_stream = [_hidden_states(call) for call in calls]
         dense_stream = list(pruned_stream)
-        stages = linear_stages(self.model)
-        per_layer = len(stages) // len(layers)
+        prefix, stages = layers_prefix(self.model), layer_map(self.model).stages
         for index, (layer, dense_layer) in enumerate(zip(layers, dense_layers, strict=True)):
-            for stage in stages[index * per_layer : (index + 1) * per_layer]:
-                local = [name.split(f".{index}.", 1)[1] for name in stage]
+            for stage in stages:
                 hessians, cross = _stage_statistics(
-                    layer, dense_layer, local, calls, pruned_stream, dense_stream
+                    layer, dense_layer, stage, calls, pruned_stream, dense_stream
                 )
-                for name, path in zip(stage, local, strict=True):
+                for path in stage:
+                    name = f"{prefix}.{index}.{path}"
                     self.masks[name] = reconstruct(
                         self.linears[name],
                         hessians[path],
@@ -168,7 +167,7 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict])
 def _stage_statistics(
     layer: nn.Module,
     dense_layer: nn.Module,
-    stage: list[str],
+    stage: tuple[str, ...],
     calls: list[tuple[tuple, dict]],
     pruned_stream: list[torch.Tensor],
     dense_stream: list[torch.Tensor],
@@ -189,7 +188,7 @@ def _stage_statistics(
 
 
 def _stage_inputs(
-    layer: nn.Module, stage: list[str], hidden: torch.Tensor, call: tuple[tuple, dict]
+    layer: nn.Module, stage: tuple[str, ...], hidden: torch.Tensor, call: tuple[tuple, dict]
 ) -> dict[str, torch.Tensor]:
     """The inputs of the stage's Linears when the layer runs on `hidden`, as [tokens, features] fp32;
     the layer stops there."""
