@@ -134,7 +134,7 @@ def open_study(config: SearchConfig, sweep: Sweep) -> tuple[optuna.Study, bool]:
             storage=storage, study_name=config.study_name, sampler=make_sampler(config), directions=directions
         )
         study.set_metric_names([o.name for o in sweep.objectives])
-        for point in sweep.enqueue:  # the sweep's first trials; the sampler fills in the keys they omit
+        for point in sweep.queued():  # the sweep's first trials; the sampler fills in the keys they omit
             study.enqueue_trial(point, skip_if_exists=True)
         return study, True
     except optuna.exceptions.DuplicatedStudyError:

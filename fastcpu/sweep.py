@@ -84,14 +84,14 @@ class Param:
     def override(self, value: Any) -> str:
         return f"{self.key}={hydra_value(value)}"
 
-    def stored(self, value: Any, where: str) -> Any:
-        """`value` as Optuna stores it for this param (a list choice as its JSON text), or an error
+    def checked(self, value: Any, where: str) -> Any:
+        """`value` if this param allows it (a list choice as the tuple it is stored as), else an error
         naming what the param allows."""
         if self.type == "categorical":
             if _frozen(value) not in self.choices:
-                allowed = ", ".join(json.dumps(_thawed(c)) for c in self.choices)
+                allowed = ", ".join(json.dumps(c) for c in self.choices)
                 raise ConfigError(f"{where}={value!r} is not a choice; allowed: {allowed}")
-            return _label(_frozen(value))
+            return _frozen(value)
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not number or not self.low <= value <= self.high or (self.type == "int" and value != int(value)):
             raise ConfigError(
@@ -103,10 +103,6 @@ class Param:
 
 def _label(choice: Any) -> Any:
     return choice if choice is None or isinstance(choice, (bool, int, float, str)) else json.dumps(choice)
-
-
-def _thawed(value: Any) -> Any:
-    return [_thawed(v) for v in value] if isinstance(value, tuple) else value
 
 
 @dataclass(frozen=True)
@@ -139,11 +135,15 @@ class Sweep:
     fixed: tuple[str, ...]  # overrides every trial of the sweep gets
     objectives: tuple[Objective, ...]
     constraints: tuple[Constraint, ...]
-    enqueue: tuple[dict[str, Any], ...] = ()  # first trials: {param key: value as Optuna stores it}
+    enqueue: tuple[dict[str, Any], ...] = ()  # first trials: {searched key: config value}
 
     def suggest(self, trial: Any) -> list[str]:
         """The overrides Optuna picks for `trial`, one per searched key."""
         return [p.override(p.suggest(trial)) for p in self.params]
+
+    def queued(self) -> list[dict[str, Any]]:
+        """The enqueued points as Optuna's params (a list choice as its JSON text, as `suggest` asks)."""
+        return [{key: _label(value) for key, value in point.items()} for point in self.enqueue]
 
     @property
     def metrics(self) -> set[str]:
@@ -173,18 +173,11 @@ class Sweep:
                     ) from error
         by_key = {p.key: p for p in self.params}
         for index, point in enumerate(self.enqueue):
-            overrides = [by_key[key].override(_thawed(_parsed(by_key[key], v))) for key, v in point.items()]
+            overrides = [by_key[key].override(value) for key, value in point.items()]
             try:
                 compose([*self.fixed, *overrides])
             except Exception as error:
                 raise ConfigError(f"sweep {self.path}: enqueue[{index}]: {_first_line(error)}") from error
-
-
-def _parsed(param: Param, stored: Any) -> Any:
-    """The config value of a param's stored (Optuna) value."""
-    if param.type != "categorical":
-        return stored
-    return next(c for c in param.choices if _label(c) == stored)
 
 
 def _first_line(error: Exception) -> str:
@@ -228,12 +221,12 @@ def _enqueue(points: Any, params: Mapping[str, Param], path: Path) -> tuple[dict
     left out are sampled)."""
     if not isinstance(points, list):
         raise ConfigError(f"sweep {path}: enqueue must be a list of mappings, got {points!r}")
-    stored = []
+    checked = []
     for index, point in enumerate(points):
         where = f"sweep {path}: enqueue[{index}]"
         _check_keys(point, set(params), where)
-        stored.append({key: params[key].stored(value, f"{where}.{key}") for key, value in point.items()})
-    return tuple(stored)
+        checked.append({key: params[key].checked(value, f"{where}.{key}") for key, value in point.items()})
+    return tuple(checked)
 
 
 def _check_keys(tree: Any, allowed: set[str], where: str) -> None:

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ..architectures import layer_map, layers_prefix, transformer_layers
 from ..config import ConfigError, check_range
@@ -110,7 +112,7 @@ class ReconstructPruner(MaskPruner):
                 hessians, cross = _stage_statistics(
                     layer, dense_layer, stage, calls, pruned_stream, dense_stream
                 )
-                for path in stage:
+                for path in stage:  # each leaves its pruned weights at zero for the stages after it
                     name = f"{prefix}.{index}.{path}"
                     self.masks[name] = reconstruct(
                         self.linears[name],
@@ -120,7 +122,6 @@ class ReconstructPruner(MaskPruner):
                         self.config.damping,
                         cross[path],
                     )
-                    self.linears[name].weight.mul_(self.masks[name])
             pruned_stream = [_run_layer(layer, h, call) for h, call in zip(pruned_stream, calls, strict=True)]
             dense_stream = [
                 _run_layer(dense_layer, h, call) for h, call in zip(dense_stream, calls, strict=True)
@@ -139,14 +140,19 @@ def _first_layer_call(
         call["args"], call["kwargs"] = args, kwargs
         raise _StageDone
 
-    hook = layer.register_forward_pre_hook(keep, with_kwargs=True)
+    _run_until_done(lambda: model(**inputs), [layer.register_forward_pre_hook(keep, with_kwargs=True)])
+    return call["args"], call["kwargs"]
+
+
+def _run_until_done(run: Callable[[], object], hooks: list[RemovableHandle]) -> None:
+    """`run()` until one of `hooks` raises _StageDone (or it ends); the hooks are removed either way."""
     try:
-        model(**inputs)
+        run()
     except _StageDone:
         pass
     finally:
-        hook.remove()
-    return call["args"], call["kwargs"]
+        for hook in hooks:
+            hook.remove()
 
 
 def _hidden_states(call: tuple[tuple, dict]) -> torch.Tensor:
@@ -203,13 +209,7 @@ def _stage_inputs(
         return hook
 
     hooks = [layer.get_submodule(path).register_forward_pre_hook(capture(path)) for path in stage]
-    try:
-        _run_layer(layer, hidden, call)
-    except _StageDone:
-        pass
-    finally:
-        for hook in hooks:
-            hook.remove()
+    _run_until_done(lambda: _run_layer(layer, hidden, call), hooks)
     return captured
 
 
