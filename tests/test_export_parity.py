@@ -87,6 +87,7 @@ def test_int8_export_on_native_keeps_the_logits(tmp_path, task, features, tokeni
     student, quantization, info = student_for(scheme, pruning, task, features)
     session = export_and_session(tmp_path, student, quantization, info, task, features, tokenizer, "native")
     assert "int8" in session.description
+    assert ("ranges learned in training" in session.description) == (scheme == "qat_int8")
     got, _ = outputs_of(session.run, features[1])
     expected = reference(student, features[1])
     cosine = torch.nn.functional.cosine_similarity(got, expected, dim=0).item()

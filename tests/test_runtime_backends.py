@@ -148,6 +148,30 @@ def test_pt2e_quantizes_exactly_the_listed_linears_with_the_stored_int8_weights(
     assert checked == len(listed)
 
 
+def test_pt2e_pins_learned_input_ranges_instead_of_calibrating(artifacts):
+    """QAT's ranges become the input quantization of each listed Linear; a shared input (query, key and
+    value read the same hidden states) takes the union of their ranges."""
+    artifact = load_artifact(artifacts["static_int8"])
+    listed = artifact.quantized_modules
+    query, key, value, output = (
+        next(n for n in listed if n.endswith(suffix))
+        for suffix in ("query", "key", "value", "attention.output.dense")
+    )
+    ranges = {name: (-1.0 - i, 2.0 + i) for i, name in enumerate(listed)}
+    model = PositionalModel(artifact.build_model(), INPUT_NAMES, QA_TASK["output_names"]).eval()
+    example = (torch.randint(0, 1000, (2, 8)), torch.ones(2, 8, dtype=torch.long), torch.zeros(2, 8).long())
+    converted = quantize_pt2e_model(model, example, listed, dynamic=False, calibration=None, ranges=ranges)
+    scales = {}
+    for node in converted.graph.nodes:
+        if node.target is torch.ops.aten.linear.default and "dequantize" in str(node.args[0].target):
+            module = list(node.meta["nn_module_stack"].values())[-1][0].removeprefix("model.")
+            scales[module] = float(node.args[0].args[1])
+    assert set(scales) == set(listed)
+    lo, hi = min(ranges[n][0] for n in (query, key, value)), max(ranges[n][1] for n in (query, key, value))
+    assert scales[query] == scales[key] == scales[value] == pytest.approx((hi - lo) / 255)
+    assert scales[output] == pytest.approx((ranges[output][1] - ranges[output][0]) / 255)
+
+
 def test_native_fp32_matches_eager(artifacts, qa_inputs, eager_session, eager_reference):
     session = create_session(artifacts["none"], "native", batch_size=BATCH, seq_len=SEQ)
     assert "fp32" in session.description and "freezing" in session.description

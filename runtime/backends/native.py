@@ -77,11 +77,14 @@ def _int8_runner(artifact: Artifact, batch_size: int, seq_len: int) -> Runner:
     if not artifact.quantized_modules:
         raise BackendError(f"{artifact.path}: scheme {artifact.scheme} but quantization.modules is empty")
     dynamic = artifact.scheme == "dynamic_int8"
-    calibration = None if dynamic else calibration_batches(artifact, batch_size, seq_len)
+    ranges = None if dynamic else artifact.activation_ranges
+    calibration = None if dynamic or ranges else calibration_batches(artifact, batch_size, seq_len)
     model = positional_model(artifact, torch.float32, fast_attention())
     example = tuple(synthetic_batch(artifact.input_names, batch_size, seq_len, artifact.vocab_size).values())
-    converted = quantize_pt2e_model(model, example, artifact.quantized_modules, dynamic, calibration)
+    converted = quantize_pt2e_model(model, example, artifact.quantized_modules, dynamic, calibration, ranges)
     kind = "dynamic" if dynamic else "static"
+    if ranges:
+        kind = "static (ranges learned in training)"
     source = " from QAT weights" if artifact.scheme == "qat_int8" else ""
     return Runner(
         compile_frozen(converted),
@@ -122,8 +125,10 @@ def quantize_pt2e_model(
     module_names: list[str],
     dynamic: bool,
     calibration: list[tuple[torch.Tensor, ...]] | None,
+    ranges: dict[str, tuple[float, float]] | None = None,
 ) -> torch.nn.Module:
-    """Export, annotate only `module_names` (paths inside the Hugging Face model), calibrate, convert."""
+    """Export, annotate only `module_names` (paths inside the Hugging Face model), calibrate (or pin the
+    given input `ranges` of those modules), convert."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     with torch.no_grad():
@@ -132,6 +137,8 @@ def quantize_pt2e_model(
         prepared = prepare_pt2e(exported, _quantizer(module_names, dynamic))
         for batch in calibration or [example]:
             prepared(*batch)
+        if ranges:
+            pin_input_ranges(prepared, ranges)
         converted = convert_pt2e(prepared)
     expected = {f"model.{name}" for name in module_names}
     actual = quantized_linears(converted)
@@ -142,6 +149,34 @@ def quantize_pt2e_model(
             f" not quantized: {missing}, unexpectedly quantized: {extra}"
         )
     return converted
+
+
+def pin_input_ranges(prepared: torch.fx.GraphModule, ranges: dict[str, tuple[float, float]]) -> None:
+    """Replace the observer of each listed Linear's input with a min/max observer fixed at its range.
+
+    Linears fed by the same tensor (query, key, value) share one observer in PT2E; it gets the union of
+    their ranges, which QAT learns alike since they see the same inputs."""
+    from torchao.quantization.pt2e.observer import MinMaxObserver
+
+    pinned: dict[str, tuple[float, float]] = {}
+    for node in prepared.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.target is not torch.ops.aten.linear.default or not stack:
+            continue
+        name = list(stack.values())[-1][0].removeprefix("model.")
+        observer = node.args[0]
+        if name not in ranges or getattr(observer, "op", None) != "call_module":
+            continue
+        lo, hi = ranges[name]
+        old = pinned.get(observer.target, (lo, hi))
+        pinned[observer.target] = (min(old[0], lo), max(old[1], hi))
+    for target, (lo, hi) in pinned.items():
+        old = prepared.get_submodule(target)
+        fixed = MinMaxObserver(
+            dtype=old.dtype, qscheme=old.qscheme, quant_min=old.quant_min, quant_max=old.quant_max
+        )
+        fixed.min_val, fixed.max_val = torch.tensor(lo), torch.tensor(hi)
+        setattr(prepared, target, fixed)
 
 
 def _tag_linear_sources(graph_module: torch.fx.GraphModule) -> None:
