@@ -5,6 +5,7 @@ unchanged."""
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -273,27 +274,45 @@ def test_reconstruction_solves_the_kept_weights_exactly(pattern):
     assert error(linear.weight.detach()) < 0.7 * error(original * magnitude_mask(original, 0.6, pattern))
 
 
-@pytest.mark.parametrize("scheme", ["static_int8", "qat_int8"])
-def test_reconstruction_collects_inputs_in_training_then_prunes_once(tokenizer, scheme):
-    """Inputs are kept from the training steps before `end`, up to `max_batches` (through QAT's wrappers
-    too), every Linear is pruned at the `end` step, and the masks then stay as they are."""
+@pytest.mark.parametrize(
+    ("scheme", "stages", "end", "kept", "sparsities"),
+    [
+        # one shot at step 4: inputs of steps 2 and 3 (max_batches), then none
+        ("static_int8", 1, 0.4, [0, 0, 0, 1] + [0] * 6, [0.0] * 4 + [0.75] * 6),
+        # steps 3 and 6, the first at the cubic schedule's midpoint: 0.75 * (1 - 0.5**3)
+        ("qat_int8", 2, 0.6, [0, 0, 1, 0, 0, 1] + [0] * 4, [0.0] * 3 + [0.65625] * 3 + [0.75] * 4),
+    ],
+)
+def test_reconstruction_collects_inputs_in_training_then_prunes(
+    tokenizer, scheme, stages, end, kept, sparsities
+):
+    """Inputs are kept from the `max_batches` training steps before each pruning step (through QAT's
+    wrappers too), every Linear is pruned at those steps, units once pruned stay pruned, and the masks
+    stay as they are after `end`."""
     task = tiny_squad_task(max_seq_length=64, doc_stride=16, max_query_length=24)
     features = task.train_features(tokenizer, list(tokenizer.model_input_names))
     model = tiny_bert_model(BertForQuestionAnswering)
-    pruner = make_pruner(ReconstructPruning(sparsity=0.75, pattern="4x1", end=0.4, max_batches=2), 10)
+    config = ReconstructPruning(sparsity=0.75, pattern="4x1", end=end, max_batches=2, stages=stages)
+    pruner = make_pruner(config, 10)
     recorder = SparsityRecorder()
-    kept = []
-    recorder.before_step = lambda step: kept.append(len(pruner.calibration))
+    seen, masks = [], []
+
+    def before_step(step: int) -> None:
+        seen.append(len(pruner.calibration))
+        masks.append({name: mask.clone() for name, mask in pruner.masks.items()})
+
+    recorder.before_step = before_step
     quantizer = make_quantizer(
         SCHEMES.build({"scheme": scheme, "start": 0.0} if scheme == "qat_int8" else {"scheme": scheme}), 10
     )
     training = TrainingConfig(max_steps=10, batch_size=4, learning_rate=1e-3, precision="fp32")
     train(model, task, features, training, seed=0, methods=[pruner, quantizer, recorder])
-    assert kept == [0, 1, 2, 2] + [0] * 6  # 2 of the 4 steps before `end` kept (max_batches), then dropped
+    assert seen == kept
     assert pruner.hook is None
-    assert recorder.history[:4] == [0.0] * 4
-    assert recorder.history[4:] == pytest.approx([0.75] * 6, abs=0.005)
+    assert recorder.history == pytest.approx(sparsities, abs=0.01)
     assert sparsity_report(model)["overall"] == pytest.approx(0.75, abs=0.005)
+    for earlier, later in itertools.pairwise(masks):
+        assert all(not (later[n] & ~earlier[n]).any() for n in later)  # nothing pruned comes back
 
 
 def test_reconstruction_in_forward_order_beats_solving_each_linear_on_dense_inputs(tokenizer):
