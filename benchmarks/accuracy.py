@@ -87,8 +87,13 @@ def record(task: str, recipe: str, sparsity: float, layers: int, overrides: list
         "backend": result["backend_description"],
         "block_sparsity": result["sparsity"],
         "measured": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "artifact": result["artifact"],
+        "artifact": shown_path(Path(result["artifact"])),
     }
+
+
+def shown_path(path: Path) -> str:
+    """The path relative to the checkout when inside it, so the committed records name no machine."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def merge(records: Path, rows: list[dict]) -> list[dict]:

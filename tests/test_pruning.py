@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -313,6 +314,16 @@ def test_reconstruction_collects_inputs_in_training_then_prunes(
     assert sparsity_report(model)["overall"] == pytest.approx(0.75, abs=0.005)
     for earlier, later in itertools.pairwise(masks):
         assert all(not (later[n] & ~earlier[n]).any() for n in later)  # nothing pruned comes back
+
+
+def test_staged_reconstruction_prunes_on_schedule_and_can_rewind_the_learning_rate_at_each_stage():
+    config = ReconstructPruning(sparsity=0.8, start=0.1, end=0.7, stages=3)
+    pruner = make_pruner(config, 100)
+    assert pruner.stage_steps() == [30, 50, 70] and pruner.lr_restarts() == []
+    assert [config.sparsity_at(s, 100, 0.8) for s in pruner.stage_steps()] == pytest.approx(
+        [0.8 * (1 - (2 / 3) ** 3), 0.8 * (1 - (1 / 3) ** 3), 0.8]
+    )
+    assert make_pruner(replace(config, rewind_lr=True), 100).lr_restarts() == [30, 50, 70]
 
 
 def test_reconstruction_in_forward_order_beats_solving_each_linear_on_dense_inputs(tokenizer):

@@ -79,6 +79,10 @@ class ReconstructPruner(MaskPruner):
         stages = self.config.stages
         return sorted({start + round((k + 1) * (end - start) / stages) for k in range(stages)})
 
+    def lr_restarts(self) -> list[int]:
+        """With `rewind_lr`, the learning rate starts over at every pruning step (oBERT's rewinding)."""
+        return self.stage_steps() if self.config.rewind_lr else []
+
     def before_step(self, step: int) -> None:
         start, _ = self.config.steps(self.total_steps)
         stage_steps = self.stage_steps()
