@@ -9,7 +9,7 @@ import dataclasses
 import platform
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -159,17 +159,10 @@ def pin_input_ranges(prepared: torch.fx.GraphModule, ranges: dict[str, tuple[flo
     from torchao.quantization.pt2e.observer import MinMaxObserver
 
     pinned: dict[str, tuple[float, float]] = {}
-    for node in prepared.graph.nodes:
-        stack = node.meta.get("nn_module_stack")
-        if node.target is not torch.ops.aten.linear.default or not stack:
-            continue
-        name = list(stack.values())[-1][0].removeprefix("model.")
-        observer = node.args[0]
-        if name not in ranges or getattr(observer, "op", None) != "call_module":
-            continue
-        lo, hi = ranges[name]
-        old = pinned.get(observer.target, (lo, hi))
-        pinned[observer.target] = (min(old[0], lo), max(old[1], hi))
+    for node, path in linear_nodes(prepared):
+        name, observer = path.removeprefix("model."), node.args[0]
+        if name in ranges and getattr(observer, "op", None) == "call_module":
+            widen(pinned, observer.target, *ranges[name])
     for target, (lo, hi) in pinned.items():
         old = prepared.get_submodule(target)
         fixed = MinMaxObserver(
@@ -197,16 +190,27 @@ def _tag_linear_sources(graph_module: torch.fx.GraphModule) -> None:
             node.meta["source_fn_stack"] = [(path, torch.nn.Linear)]
 
 
+def widen(ranges: dict[str, tuple[float, float]], key: str, lo: float, hi: float) -> None:
+    """Grow `ranges[key]` (min, max) to cover [lo, hi]; a new key starts there."""
+    old = ranges.get(key, (lo, hi))
+    ranges[key] = (min(old[0], lo), max(old[1], hi))
+
+
+def linear_nodes(graph_module: torch.fx.GraphModule) -> Iterator[tuple[torch.fx.Node, str]]:
+    """Each linear op of the graph with the module path of the nn.Linear it came from."""
+    for node in graph_module.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.target is torch.ops.aten.linear.default and stack:
+            yield node, list(stack.values())[-1][0]
+
+
 def quantized_linears(graph_module: torch.fx.GraphModule) -> set[str]:
     """Module paths of the linear ops whose weight comes from an int8 dequantize, read off the graph."""
     found = set()
-    for node in graph_module.graph.nodes:
-        if node.target is not torch.ops.aten.linear.default:
-            continue
+    for node, path in linear_nodes(graph_module):
         weight = node.args[1]
-        stack = node.meta.get("nn_module_stack")
-        if stack and getattr(weight, "op", None) == "call_function" and "dequantize" in str(weight.target):
-            found.add(list(stack.values())[-1][0])
+        if getattr(weight, "op", None) == "call_function" and "dequantize" in str(weight.target):
+            found.add(path)
     return found
 
 

@@ -18,7 +18,7 @@ from ..artifact import INT8_SCHEMES
 from ..errors import BackendError
 from ..kernels.sparse import PackedWeight, kernel_path, load_extension, pack_linear
 from ..modeling import fast_attention
-from .native import calibration_batches, compile_frozen, have_compiler, positional_model
+from .native import calibration_batches, compile_frozen, have_compiler, positional_model, widen
 from .registry import Runner, register_backend
 
 if TYPE_CHECKING:
@@ -218,9 +218,7 @@ def observe_input_ranges(
 
 def _range_hook(ranges: dict[str, tuple[float, float]], name: str) -> Callable[..., None]:
     def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        lo, hi = (float(v) for v in torch.aminmax(args[0].detach()))
-        old = ranges.get(name, (lo, hi))
-        ranges[name] = (min(old[0], lo), max(old[1], hi))
+        widen(ranges, name, *(float(v) for v in torch.aminmax(args[0].detach())))
 
     return hook
 
