@@ -1,15 +1,16 @@
-"""One-shot pruning with least-squares reconstruction (in the line of Optimal Brain Surgeon, OBC and
-SparseGPT): each encoder Linear is pruned to the target in one step, and the weights it keeps are solved
+"""Pruning with least-squares reconstruction (in the line of Optimal Brain Surgeon, OBC and
+SparseGPT): each encoder Linear is pruned in a few large steps, and the weights it keeps are solved
 to reproduce its outputs on the inputs it has seen: for every row (or 4x1 row group) with kept columns K,
 W[K] = H[K,K]^-1 H[K,:] W0, with H = sum of x x^T. Where gradual magnitude pruning needs thousands of
 steps to recover, this leaves only the error no choice of the kept weights could remove, so a small
 fine-tuning set is enough for the rest.
 
-The student's input batches are kept from the (at most `max_batches`) training steps before the `end`
-step (the model keeps training meanwhile); at the `end` step every Linear is pruned, in forward order,
-and the masks stay frozen for the rest of training. With `stages` > 1 this happens at several steps up
-to `end`, the sparsity rising on the cubic schedule, with fine-tuning in between, for targets one shot
-cannot reach (80% on the SQuAD sample: F1 37.5 in 4 stages, 30.8 in one). Each Linear's kept weights
+The student's input batches are kept from the (at most `max_batches`) training steps before a pruning
+step (the model keeps training meanwhile); at that step every Linear is pruned, in forward order. There
+are `stages` such steps up to `end`, the sparsity rising on the cubic schedule, with fine-tuning in
+between, and the masks stay frozen for the rest of training. Four stages up to half of training are the
+default: at 80% they keep F1 37.5 on the SQuAD sample where one shot (stages=1, end=0.1) keeps 30.8,
+and SST-2 accuracy 85.09 where one shot keeps 84.40. Each Linear's kept weights
 are solved on the inputs the model pruned so far gives it, towards the outputs the dense model gives
 on its own inputs (OBC's and SparseGPT's sequential variant): on the SQuAD sample, one-shot 60% 4x1
 keeps F1 44.4 of 55.4 before any fine-tuning this way, 35.1 when every Linear is solved on the dense
@@ -40,10 +41,10 @@ from .masks import BLOCK, MaskPruner, UnitPruning, expand_units, magnitude_mask,
 @dataclass
 class ReconstructPruning(UnitPruning):
     name: str = "reconstruct"
-    end: float = 0.1  # the (last) pruning step, after the max_batches steps whose inputs it solves on
+    end: float = 0.5  # the last pruning step, after the max_batches steps whose inputs it solves on
     damping: float = 0.01  # added to H's diagonal, as a fraction of its mean: keeps the solves stable
     max_batches: int = 8  # inputs kept from at most this many steps (24 instead of 8: F1 44.2, not 43.9)
-    stages: int = 1  # pruning steps spread up to `end`, sparsity rising on the cubic schedule; 1: one shot
+    stages: int = 4  # pruning steps spread up to `end`, sparsity rising on the cubic schedule; 1: one shot
 
     def validate(self, key: str) -> None:
         super().validate(key)
