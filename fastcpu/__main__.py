@@ -22,10 +22,11 @@ def user_errors() -> tuple[type[Exception], ...]:
     from fastcpu_runtime import ArtifactError, BackendError
 
     from .config import ConfigError
+    from .search import StudyFailed
     from .tasks.base import DataError
     from .teacher import TeacherError
 
-    return (ConfigError, DataError, TeacherError, ArtifactError, BackendError)
+    return (ConfigError, DataError, TeacherError, ArtifactError, BackendError, StudyFailed)
 
 
 def quiet_library_noise() -> None:

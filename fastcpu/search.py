@@ -16,6 +16,7 @@ import os
 import signal
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,14 +30,20 @@ from optuna.trial import TrialState
 from .config import ConfigError, build, check_range, store_base, to_plain
 from .pareto import REFERENCE_ATTR, Report
 from .sweep import Sweep, load_sweep
-from .teacher import Teachers
+from .teacher import Teachers, load_model_config, resolve_source
 from .tracking import create_parent_run, finish_parent_run, flatten, tracking_uri
-from .trial import TrialConfig, measure_uncompressed, result_metrics, run_trial
+from .trial import TrialConfig, check_against_teacher, measure_uncompressed, result_metrics, run_trial
 
 log = logging.getLogger(__name__)
+
 # Heartbeats, fail_stale_trials and metric names have been "experimental" since Optuna 2.9 / 3.2; the
 # study relies on them on purpose, so their warning would only repeat itself on every run.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+class StudyFailed(Exception):
+    """The study ended with no complete trial: the command fails, naming the trials' errors."""
+
 
 DEFAULT_STORAGE = Path("sweeps") / "optuna.db"
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -180,6 +187,7 @@ class Study:
         from .tasks import make_task
 
         self.sweep.check_metrics(result_metrics(make_task(self.base.task)))
+        check_against_teacher(self.base, load_model_config(resolve_source(self.base.teacher.model)))
         self.sweep.check_keys(lambda extra: TrialConfig.from_hydra(self.compose([*self.overrides, *extra])))
 
     def run(self) -> Report:
@@ -214,8 +222,12 @@ class Study:
         report = Report.from_study(study, self.config.latency_budget_ms)
         report.write(self.output_dir)
         # the last worker standing finishes the parent run; its report then covers every trial
-        status = "RUNNING" if _count(study, TrialState.RUNNING) else "FINISHED"
+        running = _count(study, TrialState.RUNNING)
+        failed = not report.complete and not running
+        status = "FAILED" if failed else "RUNNING" if running else "FINISHED"
         finish_parent_run(self.base.tracking, parent, status, report.files(self.output_dir), report.summary())
+        if failed:
+            raise StudyFailed(failure_summary(study))
         return report
 
     @contextlib.contextmanager
@@ -297,6 +309,18 @@ def _fresh_compiler() -> None:
 
     torch._dynamo.reset()
     gc.collect()
+
+
+def failure_summary(study: optuna.Study, shown: int = 3) -> str:
+    """One line: how many trials failed and their errors, the most common first."""
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    unknown = "no error recorded (its worker died)"
+    errors = Counter(" ".join(t.user_attrs.get("error", unknown).split())[:300] for t in failed)
+    listed = "; ".join(f"{count}x {error}" for error, count in errors.most_common(shown))
+    more = f"; and {len(errors) - shown} other error(s)" if len(errors) > shown else ""
+    return f"study {study.study_name!r}: no trial completed; {len(failed)} failed" + (
+        f": {listed}{more}" if failed else " (the timeout passed first)"
+    )
 
 
 def _count(study: optuna.Study, state: TrialState) -> int:

@@ -27,7 +27,7 @@ from .quantization import SCHEMES, NoQuantization, make_quantizer
 from .student import StudentConfig, make_student
 from .tasks import build_task_config, make_task
 from .tasks.base import Task
-from .teacher import Teacher, TeacherConfig, TeacherError, prepare_teacher
+from .teacher import Teacher, TeacherConfig, TeacherError, load_model_config, prepare_teacher, resolve_source
 from .teacher_outputs import CachedTeacher
 from .tracking import TrackingConfig, flatten, trial_run
 from .training import TrainingConfig, train
@@ -118,6 +118,30 @@ def check_teacher_score(teacher: Teacher, task: Task) -> None:
         )
 
 
+ROBERTA_POSITIONS = ("roberta", "xlm-roberta", "camembert")  # positions start at padding_idx + 1
+
+
+def position_limit(model_config: Any) -> int | None:
+    """The longest input the model's position embeddings cover; None when positions are relative only.
+    RoBERTa-style models number positions from padding_idx + 1, so two of their slots are never used."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is None or getattr(model_config, "position_biased_input", True) is False:  # DeBERTa-v2/v3
+        return None
+    offset = model_config.pad_token_id + 1 if model_config.model_type in ROBERTA_POSITIONS else 0
+    return limit - offset
+
+
+def check_against_teacher(config: TrialConfig, model_config: Any) -> None:
+    """What the teacher's config alone can refute, before any weights load or training starts."""
+    config.student.check_against(model_config.num_hidden_layers)
+    limit = position_limit(model_config)
+    if limit is not None and config.task.max_seq_length > limit:
+        raise ConfigError(
+            f"task.max_seq_length={config.task.max_seq_length} exceeds what the teacher "
+            f"({config.teacher.model}, {model_config.model_type}) can read: at most {limit} tokens"
+        )
+
+
 def run_trial(
     cfg: DictConfig,
     output_dir: Path,
@@ -143,6 +167,7 @@ def run_trial(
     }
     with trial_run(config.tracking, params, tags, parent_run_id) as tracker:
         tracker.text(OmegaConf.to_yaml(OmegaConf.create(resolved)), "config.yaml")
+        check_against_teacher(config, load_model_config(resolve_source(config.teacher.model)))
         task = make_task(config.task)
         teacher = teachers(config.teacher, task, config.seed)
         log.info("teacher %s: %s", teacher.path, teacher.metrics)

@@ -155,6 +155,28 @@ def test_cli_rejects_bad_value_before_any_work(tmp_path):
     assert not list(tmp_path.rglob("result.json")) and not list(tmp_path.rglob("manifest.json"))
 
 
+@pytest.mark.parametrize("mode", [[], ["~search"]], ids=["study", "trial"])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("task.max_seq_length=600", "task.max_seq_length=600 exceeds what the teacher ("),
+        ("student.layers=[0,7]", "student.layers=[0, 7]: [7] out of range; the teacher has layers 0..5"),
+    ],
+)
+def test_cli_checks_the_config_against_the_teachers_before_any_work(tmp_path, mode, override, message):
+    """Values only the teacher's config can refute (MiniLM: 6 layers, 512 positions) stop a study before
+    anything is written, and a single trial before the teacher loads (its MLflow run ends FAILED)."""
+    command = [sys.executable, "-m", "fastcpu", "+experiment=squad", *mode, override]
+    command += [f"hydra.run.dir={tmp_path}/out", f"teacher.cache_dir={tmp_path}/cache"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith(f"fastcpu: error: {message}"), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "cache").exists() and not list(tmp_path.rglob("result.json"))
+    assert not (tmp_path / "sweeps").exists() and (tmp_path / "mlruns").exists() == (mode == ["~search"])
+
+
 @pytest.mark.parametrize(
     ("group", "option"), [(g, o) for g, o in GROUP_OPTIONS if g not in ("recipe", "search")]
 )
@@ -199,3 +221,15 @@ def test_a_recipe_only_picks_options(recipe):
     in_experiment = TrialConfig.from_hydra(compose_config(["+experiment=squad", f"recipe={recipe}"]))
     for group in ("pruning", "distillation", "quantization"):
         assert getattr(in_experiment, group) == getattr(config, group), group
+
+
+def test_position_limit_per_family():
+    """BERT reads max_position_embeddings tokens, RoBERTa two fewer (positions start after padding_idx),
+    DeBERTa-v3 (relative positions only) has no limit to check."""
+    from transformers import BertConfig, DebertaV2Config, RobertaConfig
+
+    from fastcpu.trial import position_limit
+
+    assert position_limit(BertConfig(max_position_embeddings=512)) == 512
+    assert position_limit(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512
+    assert position_limit(DebertaV2Config(position_biased_input=False)) is None

@@ -322,3 +322,22 @@ def test_killed_worker_trial_is_failed_by_heartbeat_and_study_goes_on(study):
     trials = optuna.load_study(study_name="killed", storage=storage(workdir)).trials
     assert trials[orphan.number].state == TrialState.FAIL
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
+
+
+def test_study_without_a_complete_trial_fails_loudly(study):
+    """Every trial fails: the command exits non-zero with one line naming the error, and the MLflow
+    parent run ends FAILED instead of FINISHED."""
+    workdir, _, _ = study
+    (workdir / "sweep_broken.yaml").write_text(SWEEP.replace("[[0], [0, 1], [0, 9]]", "[[0, 9]]"))
+    cwd = workdir / "broken"  # its own MLflow store: the other tests count the parent runs of theirs
+    cwd.mkdir()
+    command = study_command(workdir, "broken", 2, "out_broken", sweep="sweep_broken.yaml")
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 1, done.stderr[-4000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("fastcpu: error: study 'broken': no trial completed; 2 failed: 2x "), last
+    assert "student.layers" in last
+    client = MlflowClient(f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("fastcpu").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.`fastcpu.role` = 'study'")
+    assert parent.info.status == "FAILED" and parent.data.metrics["n_complete"] == 0
