@@ -168,7 +168,7 @@ def main(argv: list[str]) -> None:
     import torch
 
     from fastcpu.teacher import Teachers, load_model_config, resolve_source
-    from fastcpu.trial import TrialConfig, run_trial
+    from fastcpu.trial import TrialConfig, check_against_teacher, run_trial
 
     quiet_library_noise()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -181,12 +181,14 @@ def main(argv: list[str]) -> None:
                 for sparsity in args.sparsity:
                     trial = [*base, f"recipe={recipe}", f"pruning.sparsity={sparsity}", *overrides]
                     cfg = hydra.compose(config_name="config", overrides=trial)
-                    teacher_layers = load_model_config(resolve_source(cfg.teacher.model)).num_hidden_layers
+                    teacher_config = load_model_config(resolve_source(cfg.teacher.model))
+                    teacher_layers = teacher_config.num_hidden_layers
                     if layers > teacher_layers:
                         raise SystemExit(f"--layers {layers}: the teacher has {teacher_layers} layers")
                     kept = json.dumps(kept_layers(layers, teacher_layers)).replace(" ", "")
                     cfg = hydra.compose(config_name="config", overrides=[*trial, f"student.layers={kept}"])
-                    TrialConfig.from_hydra(cfg)  # every row's config is valid before the first trains
+                    # every row's config is valid, also against the teacher's, before the first trains
+                    check_against_teacher(TrialConfig.from_hydra(cfg), teacher_config)
                     plan.append((recipe, layers, sparsity, cfg))
         stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
         for recipe, layers, sparsity, cfg in plan:

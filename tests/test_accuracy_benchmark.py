@@ -111,3 +111,13 @@ def test_a_layer_count_the_teacher_lacks_is_refused_before_training(tmp_path, ss
     assert done.returncode != 0 and "--layers 9: the teacher has 6 layers" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "a.json").exists()
+
+
+def test_a_sequence_length_the_teacher_cannot_read_is_refused_before_training(tmp_path, sst2_dir):
+    doc = tmp_path / "a.md"
+    args = ["--task", "sst2", "--data", str(sst2_dir), "--layers", "1", "--doc", str(doc)]
+    done = run([*args, "--", "task.max_seq_length=600"], tmp_path)
+    assert done.returncode != 0, done.stderr[-2000:]
+    assert "accuracy: error: task.max_seq_length=600 exceeds what the teacher (" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "a.json").exists() and not (tmp_path / "outputs").exists()
