@@ -209,21 +209,24 @@ def test_static_int8_without_calibration_is_refused(artifacts):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_bf16_matmul_attention_matches_fp32_sdpa(masked):
-    """The int8/bf16 backends' attention: bf16 matmuls, fp32 softmax; padded keys get no weight."""
-    from fastcpu_runtime.modeling import bf16_matmul_attention
+@pytest.mark.parametrize("attention", ["bf16_matmul_attention", "bf16_sdpa_attention"])
+def test_fast_attention_matches_fp32_sdpa(attention, masked):
+    """The int8/bf16 backends' attentions (bf16 inputs, fp32 softmax) against fp32 sdpa; padded keys get no
+    weight."""
+    from fastcpu_runtime import modeling
 
+    function = getattr(modeling, attention)
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 24, 16, generator=gen) for _ in range(3))
     mask = None
     if masked:  # sdpa-style boolean mask [batch, 1, query, key]: the last 5 keys of row 1 are padding
         mask = torch.ones(2, 1, 24, 24, dtype=torch.bool)
-        mask[1, :, :, -5:] = False
+        mask[1, ..., -5:] = False
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
-    got, weights = bf16_matmul_attention(torch.nn.Module(), q, k, v, mask, scaling=16**-0.5)
+    got, weights = function(torch.nn.Module(), q, k, v, mask, scaling=16**-0.5)
     assert weights is None and got.shape == expected.shape and got.dtype == torch.float32
     assert F.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.9999
     if masked:  # changing a padded value must not change any output
         v[1, :, -5:] += 100.0
-        again, _ = bf16_matmul_attention(torch.nn.Module(), q, k, v, mask, scaling=16**-0.5)
+        again, _ = function(torch.nn.Module(), q, k, v, mask, scaling=16**-0.5)
         torch.testing.assert_close(again, got, rtol=0, atol=0)
