@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -62,7 +63,7 @@ def fast_attention() -> str:
     return BF16_ATTENTION if fast_bf16 else "sdpa"
 
 
-def bf16_matmul_attention(
+def bf16_attention(
     module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -70,32 +71,24 @@ def bf16_matmul_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
+    *,
+    fused: bool,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Softmax(Q K^T) V with both matmuls in bf16 and the softmax in fp32 (fused by inductor).
-    Inference only (no dropout); `attention_mask` is boolean, True = attend."""
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query.to(torch.bfloat16), key.to(torch.bfloat16).transpose(2, 3)).float() * scale
-    if attention_mask is not None:
-        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    probs = scores.softmax(dim=-1).to(torch.bfloat16)
-    out = torch.matmul(probs, value.to(torch.bfloat16)).to(query.dtype)
-    return out.transpose(1, 2).contiguous(), None
+    """Softmax(Q K^T) V on bf16 inputs with an fp32 softmax, output in the query's dtype; inference only
+    (no dropout); `attention_mask` is sdpa's boolean, True = attend.
 
-
-def bf16_sdpa_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """PyTorch's fused attention on bf16 inputs, output back in the query's dtype. Inference only."""
+    fused (BF16_SDPA): PyTorch's fused attention kernel. Not fused (BF16_ATTENTION): two bf16 matmuls with
+    the softmax between them fused by inductor."""
     bf16 = [t.to(torch.bfloat16) for t in (query, key, value)]
-    out = torch.nn.functional.scaled_dot_product_attention(*bf16, attn_mask=attention_mask, scale=scaling)
+    if fused:
+        out = torch.nn.functional.scaled_dot_product_attention(*bf16, attn_mask=attention_mask, scale=scaling)
+    else:
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        scores = torch.matmul(bf16[0], bf16[1].transpose(2, 3)).float() * scale
+        if attention_mask is not None:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        out = torch.matmul(scores.softmax(dim=-1).to(torch.bfloat16), bf16[2])
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
@@ -104,8 +97,8 @@ def _register_fast_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    for name, function in ((BF16_ATTENTION, bf16_matmul_attention), (BF16_SDPA, bf16_sdpa_attention)):
-        AttentionInterface.register(name, function)
+    for name, fused in ((BF16_ATTENTION, False), (BF16_SDPA, True)):
+        AttentionInterface.register(name, functools.partial(bf16_attention, fused=fused))
         AttentionMaskInterface.register(name, sdpa_mask)
 
 

@@ -3,6 +3,8 @@
 Each native session compiles (seconds even for this tiny model), so there is one per scheme.
 """
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -209,13 +211,13 @@ def test_static_int8_without_calibration_is_refused(artifacts):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("attention", ["bf16_matmul_attention", "bf16_sdpa_attention"])
-def test_fast_attention_matches_fp32_sdpa(attention, masked):
+@pytest.mark.parametrize("fused", [False, True], ids=["matmuls", "fused"])
+def test_bf16_attention_matches_fp32_sdpa(fused, masked):
     """The int8/bf16 backends' attentions (bf16 inputs, fp32 softmax) against fp32 sdpa; padded keys get no
     weight."""
-    from fastcpu_runtime import modeling
+    from fastcpu_runtime.modeling import bf16_attention
 
-    function = getattr(modeling, attention)
+    function = functools.partial(bf16_attention, fused=fused)
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 24, 16, generator=gen) for _ in range(3))
     mask = None
