@@ -28,7 +28,7 @@ from . import __version__
 from .config import ConfigError, check_range, store_base
 from .evaluation import evaluate, module_runner
 from .tasks.base import Task
-from .training import TrainingConfig, seed_everything, train
+from .training import Checkpoint, TrainingConfig, seed_everything, train
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,12 @@ class TeacherConfig:
     cache_dir: str = field(default_factory=default_cache_dir)  # tuned teachers, scores, outputs; by hash
     eval_batch_size: int = 32
     outputs_cache_mb: float = 2048  # teacher outputs on the training rows kept for every trial; 0: live
+    checkpoint_minutes: float = 5.0  # fine-tuning saves its state this often, resumed after a kill; 0: never
 
     def validate(self, key: str) -> None:
         check_range(f"{key}.eval_batch_size", self.eval_batch_size, 1)
         check_range(f"{key}.outputs_cache_mb", self.outputs_cache_mb, 0.0)
+        check_range(f"{key}.checkpoint_minutes", self.checkpoint_minutes, 0.0)
 
 
 store_base("teacher", TeacherConfig(model="???"))  # ???: each option file must name its model
@@ -170,6 +172,7 @@ def _finetune(
 ) -> None:
     log.info("fine-tuning the teacher (cached afterwards at %s)", entry)
     train_features = task.train_features(tokenizer, list(tokenizer.model_input_names))
+    checkpoint = Checkpoint(entry.with_name(f"{entry.name}.checkpoint.pt"), config.checkpoint_minutes * 60)
     train(
         model,
         task,
@@ -177,9 +180,11 @@ def _finetune(
         config.training,
         seed=seed,
         description="teacher fine-tuning",
+        checkpoint=checkpoint if config.checkpoint_minutes else None,
     )
     metrics = score_teacher(model, tokenizer, task, config)
     _save_atomically(entry, model, tokenizer, metrics)
+    checkpoint.path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

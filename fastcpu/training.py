@@ -6,10 +6,14 @@ at their points in each step, and asks the teacher's outputs only when a method 
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import random
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
@@ -59,6 +63,9 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -138,6 +145,61 @@ def lr_factor(step: int, total: int, warmup_ratio: float, restarts: Sequence[int
     return max(0.0, (length - offset) / max(1, length - warmup))
 
 
+@dataclass
+class Checkpoint:
+    """Where a long training run saves its state every `every_s` seconds, and resumes from after an
+    interruption. The caller keys `path` by everything that determines the run (fastcpu.teacher)."""
+
+    path: Path
+    every_s: float
+
+    def save(
+        self, step: int, total: int, running: float | None, model: nn.Module, optimizer, scheduler
+    ) -> None:
+        """Written to a temporary file and renamed: a kill mid-write leaves the previous one whole."""
+        state = {
+            "step": step,
+            "total": total,
+            "running": running,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        torch.save(state, temporary)
+        os.replace(temporary, self.path)
+
+    def load(self, total: int) -> dict | None:
+        """The saved state, or None when there is none or it belongs to a run of another length."""
+        if not self.path.exists():
+            return None
+        state = torch.load(self.path, weights_only=True)
+        if state["total"] != total:
+            log.warning("ignoring %s: a run of %d steps, this one has %d", self.path, state["total"], total)
+            return None
+        return state
+
+
+def _resume(
+    checkpoint: Checkpoint | None, total: int, model: nn.Module, optimizer, scheduler, batches: Iterator
+) -> tuple[int, float | None]:
+    """(first step, running loss) after loading the checkpoint's state, if there is one: the batch
+    order is replayed up to it (no compute) and the dropout generator restored, so the run continues
+    as if never stopped."""
+    state = checkpoint.load(total) if checkpoint else None
+    if state is None:
+        return 0, None
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    for _ in range(state["step"]):
+        next(batches)
+    torch.set_rng_state(state["rng"])
+    log.info("resuming from %s at step %d of %d", checkpoint.path, state["step"], total)
+    return state["step"], state["running"]
+
+
 def train(
     model: nn.Module,
     task: Task,
@@ -148,10 +210,14 @@ def train(
     methods: Sequence[Method] = (),
     teacher: TeacherOutputs | None = None,
     description: str = "training",
+    checkpoint: Checkpoint | None = None,
 ) -> TrainingResult:
     """Train `model` in place through the methods' whole lifecycle (fastcpu.methods), finalize included;
     returns summary figures and each method's record, in the order of `methods`. The model ends in eval
-    mode on the CPU, ready for export."""
+    mode on the CPU, ready for export. With a `checkpoint` (plain fine-tuning only: methods keep state of
+    their own), an interrupted run resumes where it last saved."""
+    if checkpoint and methods:
+        raise ValueError("a checkpoint can only resume training without methods")
     device = training_device(config.device)
     generator = seed_everything(seed)
     total = config.total_steps(len(features))
@@ -177,8 +243,10 @@ def train(
     batches = _endless_batches(features, config, generator)
     trained = [p for p in model.parameters() if p.requires_grad] + extra
     model.train()
-    running = None
-    progress = tqdm(range(total), desc=description, unit="step", dynamic_ncols=True)
+    first, running = _resume(checkpoint, total, model, optimizer, scheduler, batches)
+    saved_at = time.monotonic()
+    progress = tqdm(range(first, total), desc=description, unit="step", dynamic_ncols=True, initial=first)
+    progress.total = total
     for step in progress:
         for method in methods:
             method.before_step(step)
@@ -203,6 +271,9 @@ def train(
             method.after_optimizer_step(step)
         running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
         progress.set_postfix(loss=f"{running:.3f}")
+        if checkpoint and step + 1 < total and time.monotonic() - saved_at >= checkpoint.every_s:
+            checkpoint.save(step + 1, total, running, model, optimizer, scheduler)
+            saved_at = time.monotonic()
     model.eval()
     if needs.teacher:
         teacher.finish()

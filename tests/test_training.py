@@ -9,8 +9,9 @@ from transformers import BertForQuestionAnswering
 
 from fastcpu.distillation import Distiller, build_distillation
 from fastcpu.pruning import MagnitudePruning, make_pruner
+from fastcpu.tasks.base import Features
 from fastcpu.teacher_outputs import LiveTeacher
-from fastcpu.training import TrainingConfig, lr_factor, train, trim_padding
+from fastcpu.training import Checkpoint, TrainingConfig, lr_factor, train, trim_padding
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +85,63 @@ def test_length_grouped_batches_cover_every_row_once_with_less_padding(setup):
     trimmed = trim_padding(inputs)
     assert trimmed["input_ids"].shape[1] == int(lengths[grouped[0]].max())
     assert torch.equal(trimmed["input_ids"], inputs["input_ids"][:, : trimmed["input_ids"].shape[1]])
+
+
+class FeaturesKilledAt(Features):
+    """The same rows, but the process "dies" when batch `kill_at` is drawn (as a kill -9 would stop it)."""
+
+    def __init__(self, features: Features, kill_at: int) -> None:
+        super().__init__(features.inputs, features.labels, features.meta)
+        self.kill_at = kill_at
+
+    def indexed_batches(self, *args, **kwargs):
+        for number, batch in enumerate(super().indexed_batches(*args, **kwargs)):
+            if number == self.kill_at:
+                raise SystemExit("killed")
+            yield batch
+
+
+def fine_tune(setup, features: Features, checkpoint: Checkpoint | None) -> dict:
+    task, _ = setup
+    torch.manual_seed(123)
+    model = BertForQuestionAnswering(tiny_bert_config())  # dropout on: the resumed run must restore its rng
+    config = TrainingConfig(max_steps=8, batch_size=4, precision="bf16")
+    train(model, task, features, config, seed=3, checkpoint=checkpoint)
+    return model.state_dict()
+
+
+def test_a_killed_fine_tuning_resumes_from_its_checkpoint_to_the_same_weights(setup, tmp_path):
+    _, features = setup
+    uninterrupted = fine_tune(setup, features, None)
+    checkpoint = Checkpoint(tmp_path / "run.checkpoint.pt", every_s=0)  # save after every step
+    with pytest.raises(SystemExit, match="killed"):
+        fine_tune(setup, FeaturesKilledAt(features, kill_at=5), checkpoint)
+    assert torch.load(checkpoint.path, weights_only=True)["step"] == 5
+    resumed = fine_tune(setup, features, checkpoint)
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+    restarted = fine_tune(setup, FeaturesKilledAt(features, kill_at=99), Checkpoint(tmp_path / "none.pt", 0))
+    assert all(torch.equal(uninterrupted[k], restarted[k]) for k in uninterrupted)  # no checkpoint: from 0
+
+
+def test_a_checkpoint_of_another_run_length_is_ignored(setup, tmp_path):
+    task, features = setup
+    checkpoint = Checkpoint(tmp_path / "run.checkpoint.pt", every_s=0)
+    with pytest.raises(SystemExit, match="killed"):
+        fine_tune(setup, FeaturesKilledAt(features, kill_at=3), checkpoint)
+    assert checkpoint.load(total=8) is not None and checkpoint.load(total=12) is None
+
+
+def test_methods_cannot_be_resumed_from_a_checkpoint(setup, tmp_path):
+    task, features = setup
+    student = BertForQuestionAnswering(tiny_bert_config())
+    pruner = make_pruner(MagnitudePruning(sparsity=0.5), 4)
+    with pytest.raises(ValueError, match="without methods"):
+        train(
+            student,
+            task,
+            features,
+            TrainingConfig(max_steps=4),
+            seed=0,
+            methods=[pruner],
+            checkpoint=Checkpoint(tmp_path / "c.pt", 0),
+        )
