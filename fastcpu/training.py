@@ -245,8 +245,9 @@ def train(
     model.train()
     first, running = _resume(checkpoint, total, model, optimizer, scheduler, batches)
     saved_at = time.monotonic()
-    progress = tqdm(range(first, total), desc=description, unit="step", dynamic_ncols=True, initial=first)
-    progress.total = total
+    progress = tqdm(
+        range(first, total), desc=description, unit="step", dynamic_ncols=True, initial=first, total=total
+    )
     for step in progress:
         for method in methods:
             method.before_step(step)
