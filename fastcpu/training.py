@@ -117,6 +117,18 @@ def trim_padding(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: tensor[:, :length] for name, tensor in inputs.items()}
 
 
+def _attention_for_training(model: nn.Module, device: torch.device, needs: Needs) -> str:
+    """Switch the model to the attention training wants; returns the implementation to restore after.
+    Attention maps need eager attention. On the CPU eager also trains faster: sdpa's backward with
+    dropout falls back to an unfused path (MiniLM, batch 16 x 160 tokens: 15-20% longer steps)."""
+    attention = model.config._attn_implementation
+    if needs.attentions:
+        request_attention_maps(model, "student")
+    elif device.type == "cpu" and attention != "eager":
+        model.set_attn_implementation("eager")
+    return attention
+
+
 def _optimizer(model: nn.Module, config: TrainingConfig, extra: list[nn.Parameter]) -> torch.optim.Optimizer:
     """AdamW without weight decay on biases and LayerNorm weights (the BERT convention); the methods' own
     parameters (projections, scores) without decay either."""
@@ -128,7 +140,9 @@ def _optimizer(model: nn.Module, config: TrainingConfig, extra: list[nn.Paramete
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.learning_rate)
+    # fused: one kernel over all tensors instead of a loop of per-tensor ops (about 0.1 s a step less for
+    # MiniLM on 2 cores, where the unfused AdamW took 14% of the step)
+    return torch.optim.AdamW(groups, lr=config.learning_rate, fused=True)
 
 
 def lr_factor(step: int, total: int, warmup_ratio: float, restarts: Sequence[int] = ()) -> float:
@@ -229,8 +243,7 @@ def train(
         needs = needs | method.needs
     if needs.teacher and teacher is None:
         raise ValueError("a method needs the teacher's outputs, but no teacher was given")
-    if needs.attentions:
-        request_attention_maps(model, "student")
+    attention = _attention_for_training(model, device, needs)
     extra = [p for method in methods for p in method.parameters()]
     optimizer = _optimizer(model, config, extra)
     restarts = [step for method in methods for step in method.lr_restarts()]
@@ -280,5 +293,6 @@ def train(
         teacher.finish()
     # Last prepared, first finalized: a method undoes its changes before the one it wrapped.
     records = [method.finalize(model) for method in reversed(methods)][::-1]
+    model.set_attn_implementation(attention)
     model.to("cpu")
     return TrainingResult({"steps": total, "final_loss": float(running)}, records)

@@ -8,6 +8,7 @@ from conftest import tiny_bert_config, tiny_squad_task
 from transformers import BertForQuestionAnswering
 
 from fastcpu.distillation import Distiller, build_distillation
+from fastcpu.methods import Method
 from fastcpu.pruning import MagnitudePruning, make_pruner
 from fastcpu.tasks.base import Features
 from fastcpu.teacher_outputs import LiveTeacher
@@ -145,3 +146,23 @@ def test_methods_cannot_be_resumed_from_a_checkpoint(setup, tmp_path):
             methods=[pruner],
             checkpoint=Checkpoint(tmp_path / "c.pt", 0),
         )
+
+
+class AttentionSeen(Method):
+    """Records the student's attention implementation at every step."""
+
+    def prepare(self, model):
+        self.model, self.seen = model, set()
+
+    def before_step(self, step):
+        self.seen.add(self.model.config._attn_implementation)
+
+
+def test_cpu_training_runs_eager_attention_and_hands_the_model_back_as_it_was(setup):
+    task, features = setup
+    config = tiny_bert_config()
+    config._attn_implementation = "sdpa"
+    student, probe = BertForQuestionAnswering(config), AttentionSeen()
+    train(student, task, features, TrainingConfig(max_steps=2, batch_size=4), seed=0, methods=[probe])
+    assert probe.seen == {"eager"}  # sdpa's backward with dropout is slower on the CPU
+    assert student.config._attn_implementation == "sdpa"
