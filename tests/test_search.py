@@ -312,6 +312,8 @@ def test_killed_worker_trial_is_failed_by_heartbeat_and_study_goes_on(study):
     )
     worker = subprocess.Popen(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_running_trial(worker, workdir, "killed", after_a_complete_one=False)
+    # Optuna fails only stale trials that recorded a heartbeat: let the first one (interval 1 s) be written
+    time.sleep(2)
     worker.kill()  # no chance to clean up: its running trial stays RUNNING in the storage
     worker.wait()
     (orphan,) = [t for t in optuna.load_study(study_name="killed", storage=storage(workdir)).trials]
