@@ -42,6 +42,7 @@ class TrainingConfig:
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available, else CPU
     group_by_length: bool = True  # batches of similar lengths, padding trimmed: fewer tokens, same data
+    dropout: float | None = None  # every dropout layer's probability while training; None: the model's own
 
     def validate(self, key: str) -> None:
         check_range(f"{key}.epochs", self.epochs, 0.0, low_open=True)
@@ -51,6 +52,7 @@ class TrainingConfig:
         check_range(f"{key}.weight_decay", self.weight_decay, 0.0)
         check_range(f"{key}.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
         check_range(f"{key}.max_grad_norm", self.max_grad_norm, 0.0, low_open=True)
+        check_range(f"{key}.dropout", self.dropout, 0.0, 1.0, high_open=True)
         training_device(self.device, f"{key}.device")  # a GPU asked for and missing: before any work
 
     def total_steps(self, n_samples: int) -> int:
@@ -126,6 +128,18 @@ def _attention_for_training(model: nn.Module, device: torch.device, needs: Needs
     elif device.type == "cpu" and attention != "eager":
         model.set_attn_implementation("eager")
     return attention
+
+
+def _dropout_for_training(model: nn.Module, probability: float | None) -> dict[nn.Dropout, float]:
+    """Set every dropout layer to `probability` (None: leave them); returns each one's own, to restore
+    after training. Attention dropout draws a mask over [batch, heads, tokens, tokens] at every step;
+    students distilled from a teacher's soft targets need that regularization less."""
+    layers = [module for module in model.modules() if isinstance(module, nn.Dropout)]
+    own = {layer: layer.p for layer in layers}
+    if probability is not None:
+        for layer in layers:
+            layer.p = probability
+    return own
 
 
 def _optimizer(model: nn.Module, config: TrainingConfig, extra: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -243,6 +257,7 @@ def train(
     if needs.teacher and teacher is None:
         raise ValueError("a method needs the teacher's outputs, but no teacher was given")
     attention = _attention_for_training(model, device, needs)
+    dropout = _dropout_for_training(model, config.dropout)
     extra = [p for method in methods for p in method.parameters()]
     optimizer = _optimizer(model, config, extra)
     restarts = [step for method in methods for step in method.lr_restarts()]
@@ -293,5 +308,7 @@ def train(
     # Last prepared, first finalized: a method undoes its changes before the one it wrapped.
     records = [method.finalize(model) for method in reversed(methods)][::-1]
     model.set_attn_implementation(attention)
+    for layer, probability in dropout.items():
+        layer.p = probability
     model.to("cpu")
     return TrainingResult({"steps": total, "final_loss": float(running)}, records)

@@ -92,6 +92,7 @@ def test_main_experiment_settings():
         ("+distillation.logit_kd.alpha=0.5", "distillation.logit_kd: unknown key(s) ['alpha']"),
         ("pruning.scope=model", "pruning.scope='model' is not allowed; allowed: layer, global"),
         ("training.device=tpu", "training.device='tpu' is not allowed; allowed: auto, cpu, cuda"),
+        ("training.dropout=1", "training.dropout=1.0 is out of range; allowed: [0.0, 1.0)"),
         ("pruning.pattern=2x2", "pruning.pattern='2x2' is not allowed; allowed: unstructured, 4x1"),
         ("+pruning.sparsty=0.5", "pruning: unknown key(s) ['sparsty']"),
         ("training.batch_size=zero", "training.batch_size must be an integer"),

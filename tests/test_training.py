@@ -166,3 +166,23 @@ def test_cpu_training_runs_eager_attention_and_hands_the_model_back_as_it_was(se
     train(student, task, features, TrainingConfig(max_steps=2, batch_size=4), seed=0, methods=[probe])
     assert probe.seen == {"eager"}  # sdpa's backward with dropout is slower on the CPU
     assert student.config._attn_implementation == "sdpa"
+
+
+class DropoutSeen(Method):
+    """Records the student's dropout probabilities at every step."""
+
+    def prepare(self, model):
+        self.model, self.seen = model, set()
+
+    def before_step(self, step):
+        self.seen |= {m.p for m in self.model.modules() if isinstance(m, torch.nn.Dropout)}
+
+
+@pytest.mark.parametrize(("dropout", "seen"), [(None, {0.1}), (0.0, {0.0})])
+def test_training_dropout_applies_while_training_and_the_model_gets_its_own_back(setup, dropout, seen):
+    task, features = setup
+    student, probe = BertForQuestionAnswering(tiny_bert_config()), DropoutSeen()
+    config = TrainingConfig(max_steps=2, batch_size=4, dropout=dropout)
+    train(student, task, features, config, seed=0, methods=[probe])
+    assert probe.seen == seen
+    assert {m.p for m in student.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
