@@ -48,7 +48,8 @@ class TeacherConfig:
     finetune: Literal["auto", "always", "never"] = (
         "auto"  # auto: only when the model has no head for the task
     )
-    training: TrainingConfig = field(default_factory=TrainingConfig)  # budget of that fine-tuning
+    # budget of that fine-tuning; with the model's own dropout, as fine-tuning on labels alone needs it
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(dropout=None))
     cache_dir: str = field(default_factory=default_cache_dir)  # tuned teachers, scores, outputs; by hash
     eval_batch_size: int = 32
     outputs_cache_mb: float = 2048  # teacher outputs on the training rows kept for every trial; 0: live

@@ -70,6 +70,7 @@ def test_main_experiment_settings():
     assert (kd.weight, kd.temperature, kd.skew) == (0.5, 2.0, 0.0)
     assert config.student.layers == [0, 2, 4]
     assert config.task.train_file.endswith("squad_sample.json")
+    assert config.training.dropout == 0.0 and config.teacher.training.dropout is None  # teacher: its own
 
 
 @pytest.mark.parametrize(
