@@ -148,41 +148,39 @@ def test_methods_cannot_be_resumed_from_a_checkpoint(setup, tmp_path):
         )
 
 
-class AttentionSeen(Method):
-    """Records the student's attention implementation at every step."""
+class SeenAtEveryStep(Method):
+    """Records what `look` reads off the student at every step (a set of the values seen)."""
+
+    def __init__(self, look):
+        self.look = look
 
     def prepare(self, model):
         self.model, self.seen = model, set()
 
     def before_step(self, step):
-        self.seen.add(self.model.config._attn_implementation)
+        self.seen |= self.look(self.model)
+
+
+def dropout_probabilities(model) -> set[float]:
+    return {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
 
 
 def test_cpu_training_runs_eager_attention_and_hands_the_model_back_as_it_was(setup):
     task, features = setup
     config = tiny_bert_config()
     config._attn_implementation = "sdpa"
-    student, probe = BertForQuestionAnswering(config), AttentionSeen()
+    student = BertForQuestionAnswering(config)
+    probe = SeenAtEveryStep(lambda model: {model.config._attn_implementation})
     train(student, task, features, TrainingConfig(max_steps=2, batch_size=4), seed=0, methods=[probe])
     assert probe.seen == {"eager"}  # on the CPU: as fast as sdpa without dropout, faster with it
     assert student.config._attn_implementation == "sdpa"
 
 
-class DropoutSeen(Method):
-    """Records the student's dropout probabilities at every step."""
-
-    def prepare(self, model):
-        self.model, self.seen = model, set()
-
-    def before_step(self, step):
-        self.seen |= {m.p for m in self.model.modules() if isinstance(m, torch.nn.Dropout)}
-
-
 @pytest.mark.parametrize(("dropout", "seen"), [(None, {0.1}), (0.0, {0.0})])
 def test_training_dropout_applies_while_training_and_the_model_gets_its_own_back(setup, dropout, seen):
     task, features = setup
-    student, probe = BertForQuestionAnswering(tiny_bert_config()), DropoutSeen()
+    student, probe = BertForQuestionAnswering(tiny_bert_config()), SeenAtEveryStep(dropout_probabilities)
     config = TrainingConfig(max_steps=2, batch_size=4, dropout=dropout)
     train(student, task, features, config, seed=0, methods=[probe])
     assert probe.seen == seen
-    assert {m.p for m in student.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+    assert dropout_probabilities(student) == {0.1}
