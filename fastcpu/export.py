@@ -41,6 +41,7 @@ def export_artifact(
             "output_names": list(task.output_names),
             "max_seq_length": max_seq_length,
             "pad_token_id": tokenizer.pad_token_id or 0,
+            **task.deploy_settings(),
         },
         "quantization": quantization_entry,
         "sparsity": pruning,

@@ -9,21 +9,26 @@ from .auto import AUTO, pick_backend
 from .backends import available_backends, register_backend
 from .bench import BenchmarkResult, benchmark
 from .errors import ArtifactError, BackendError
+from .pipeline import Answer, Label, Pipeline, load_pipeline
 from .quant import dequantize_per_channel, quantize_per_channel
 from .session import Session, create_session
 
 __all__ = [
     "AUTO",
+    "Answer",
     "Artifact",
     "ArtifactError",
     "BackendError",
     "BenchmarkResult",
+    "Label",
+    "Pipeline",
     "Session",
     "available_backends",
     "benchmark",
     "create_session",
     "dequantize_per_channel",
     "load_artifact",
+    "load_pipeline",
     "pick_backend",
     "quantize_per_channel",
     "register_backend",

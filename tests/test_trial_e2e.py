@@ -12,7 +12,9 @@ import pytest
 from conftest import FIXTURES
 from mlflow.tracking import MlflowClient
 
+import fastcpu_runtime as rt
 from fastcpu.tasks.squad_metrics import squad_evaluate
+from fastcpu.tasks.sst2 import parse_tsv
 
 TINY_TRIAL = [
     "+experiment=squad",
@@ -91,6 +93,19 @@ def test_trial_writes_result_predictions_and_artifact(trial):
     manifest = json.loads((out / "artifact" / "manifest.json").read_text())
     assert manifest["quantization"]["scheme"] == "static_int8" and manifest["quantization"]["modules"]
     assert set(manifest["files"]) >= {"config.json", "model.safetensors", "calibration.safetensors"}
+
+
+def test_deployed_pipeline_answers_as_the_trial_scored(trial):
+    """Raw questions and contexts through `fastcpu_runtime`'s pipeline on the trial's artifact give the
+    very predictions the trial scored (same backend, same batch shape)."""
+    workdir, _ = trial
+    predictions = json.loads((workdir / "first" / "predictions.json").read_text())
+    article = json.loads((FIXTURES / "squad_tiny.json").read_text())["data"][3]
+    rows = [(qa["id"], qa["question"], p["context"]) for p in article["paragraphs"] for qa in p["qas"]]
+    pipeline = rt.load_pipeline(workdir / "first" / "artifact", batch_size=4)  # runtime.batch_size=4
+    answers = pipeline([question for _, question, _ in rows], [context for *_, context in rows])
+    assert {qid: answer.answer for (qid, _, _), answer in zip(rows, answers, strict=True)} == predictions
+    assert any(predictions.values())  # not only empty answers
 
 
 def test_trial_leaves_an_mlflow_run_with_metrics(trial):
@@ -179,3 +194,8 @@ def test_sst2_trial_on_local_tsv(tmp_path):
     assert result["teacher_accuracy"] > 0 and result["relative_drop"] < 1
     assert result["scheme"] == "dynamic_int8" and result["mlflow_run_id"] is None
     assert not (tmp_path / "mlruns").exists()
+    # The deployed pipeline labels the raw sentences as the trial did.
+    pipeline = rt.load_pipeline(tmp_path / "sst2" / "artifact", batch_size=8)
+    names = {name: index for index, name in pipeline.labels.items()}
+    texts = [example.text for example in parse_tsv(str(FIXTURES / "sst2_tiny.tsv"), "sentence", "label")]
+    assert [names[label.label] for label in pipeline(texts)] == [predictions[str(i)] for i in range(40)]

@@ -173,31 +173,6 @@ def require_columns(columns: Sequence[str], needed: Sequence[str], where: str, h
         raise DataError(f"{where}: missing column(s) {missing}; it has {list(columns)}{hint}")
 
 
-def tokenize(tokenizer: Any, input_names: Sequence[str], max_length: int, *texts: Any, **options: Any) -> Any:
-    """Call the tokenizer padded to `max_length`, asking only for the inputs needed.
-
-    Outputs stay Python lists: transformers' own numpy conversion is several times slower than ours.
-    """
-    return tokenizer(
-        *texts,
-        max_length=max_length,
-        padding="max_length",
-        return_token_type_ids="token_type_ids" in input_names,
-        return_attention_mask="attention_mask" in input_names,
-        **options,
-    )
-
-
-def select_inputs(encoding: Any, input_names: Sequence[str]) -> dict[str, Tensor]:
-    """Exactly the model's input names as int64 tensors; fail clearly if the tokenizer lacks one."""
-    missing = [name for name in input_names if name not in encoding]
-    if missing:
-        raise ValueError(
-            f"the tokenizer does not produce model input(s) {missing}; it gives {list(encoding)}"
-        )
-    return {name: torch.from_numpy(np.asarray(encoding[name], dtype=np.int64)) for name in input_names}
-
-
 def check_outputs(outputs: dict[str, np.ndarray], names: Sequence[str], rows: int) -> dict[str, np.ndarray]:
     """The named outputs as float arrays with one row per feature, or a ValueError saying what is off."""
     missing = [name for name in names if name not in outputs]
@@ -296,6 +271,11 @@ class Task(ABC):
     @abstractmethod
     def featurize(self, examples: list, tokenizer: Any, input_names: list[str], train: bool) -> Features:
         """Tokenize examples; train features carry labels, eval features carry what `score` needs."""
+
+    def deploy_settings(self) -> dict[str, Any]:
+        """What the deployed artifact records besides the sequence length, so that it processes raw
+        requests as this task did (`fastcpu_runtime.Pipeline`)."""
+        return {}
 
     # -- metrics and loss ----------------------------------------------------------------------------
     @abstractmethod

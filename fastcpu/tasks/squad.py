@@ -2,8 +2,11 @@
 
 Long contexts are split into overlapping windows (features); training labels point at the answer's
 tokens in the window that holds it, and evaluation picks the best span over all of a question's windows.
+Windowing and span decoding live deploy-side (`fastcpu_runtime.processing`), so a served model answers
+exactly as its trial scored it.
 """
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -24,10 +27,9 @@ from fastcpu.tasks.base import (
     read_text,
     require_columns,
     same_file,
-    select_inputs,
-    tokenize,
 )
 from fastcpu.tasks.squad_metrics import squad_evaluate
+from fastcpu_runtime.processing import QaSettings, WindowError, Windows, best_spans, encode_windows
 
 DATASET_COLUMNS = ("id", "title", "context", "question", "answers")
 
@@ -42,6 +44,10 @@ class SquadConfig(DataConfig):
     max_query_length: int = 64
     n_best_size: int = 20
     max_answer_length: int = 30
+
+    def qa_settings(self) -> QaSettings:
+        """The windowing and decoding settings, as the deployed artifact records them."""
+        return QaSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(QaSettings)})
 
     def validate(self, key: str) -> None:
         super().validate(key)
@@ -196,23 +202,10 @@ def examples_from_rows(rows: Any, where: str) -> list[SquadExample]:
 
 
 @dataclass
-class SquadMeta:
-    """What n-best decoding needs per feature: its example and the character span of each token."""
+class SquadMeta(Windows):
+    """What scoring needs per window besides its origin and offsets: the examples, for ids and contexts."""
 
     examples: list[SquadExample]
-    example_index: np.ndarray  # [F] index into `examples`
-    offsets: np.ndarray  # [F, S, 2] character offsets into the example's context
-    context_mask: np.ndarray  # [F, S] True for context tokens (the only ones an answer may use)
-
-    def offset_mapping(self, feature: int) -> list[tuple[int, int] | None]:
-        """HF run_qa's view of one feature: context tokens' offsets, None for question/special/padding."""
-        return [
-            (int(a), int(b)) if keep else None
-            for (a, b), keep in zip(self.offsets[feature], self.context_mask[feature], strict=True)
-        ]
-
-    def subset(self, n: int) -> "SquadMeta":
-        return SquadMeta(self.examples, self.example_index[:n], self.offsets[:n], self.context_mask[:n])
 
 
 def answer_token_spans(
@@ -237,52 +230,14 @@ def answer_token_spans(
     return starts, ends
 
 
-def best_feature_spans(
-    start: np.ndarray, end: np.ndarray, context: np.ndarray, n_best: int, max_answer_length: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per feature, the best valid (score, start, end) among the top-n start and end tokens.
-
-    Vectorised form of run_qa's loop: take the n_best highest start and end logits, keep pairs inside the
-    context with start <= end and at most max_answer_length tokens, score = start + end logit. A feature
-    with no valid pair scores -inf.
-    """
-    n_features = len(start)
-    n = min(n_best, start.shape[1])
-    rows = np.arange(n_features)[:, None]
-    top_start = np.argsort(start, axis=1)[:, ::-1][:, :n]
-    top_end = np.argsort(end, axis=1)[:, ::-1][:, :n]
-    length = top_end[:, None, :] - top_start[:, :, None] + 1
-    valid = (
-        context[rows, top_start][:, :, None]
-        & context[rows, top_end][:, None, :]
-        & (length >= 1)
-        & (length <= max_answer_length)
-    )
-    pair_scores = start[rows, top_start][:, :, None] + end[rows, top_end][:, None, :]
-    scores = np.where(valid, pair_scores, -np.inf).reshape(n_features, -1)
-    best = scores.argmax(axis=1)
-    index = np.arange(n_features)
-    return scores[index, best], top_start[index, best // n], top_end[index, best % n]
-
-
 def decode_answers(
-    meta: SquadMeta, start: np.ndarray, end: np.ndarray, n_best: int, max_answer_length: int
+    meta: SquadMeta, start: np.ndarray, end: np.ndarray, settings: QaSettings
 ) -> dict[str, str]:
-    """{question id: answer text} taking, per question, the best span over all its features."""
-    spans = best_feature_spans(start, end, meta.context_mask, n_best, max_answer_length)
-    scores, span_start, span_end = spans
-    best: dict[int, int] = {}
-    for f, i in enumerate(meta.example_index.tolist()):
-        if i not in best or scores[f] > scores[best[i]]:
-            best[i] = f
+    """{question id: answer text} taking, per question, the best span over all its windows."""
     answers = {}
-    for i, f in best.items():
+    for i, span in best_spans(meta, start, end, settings).items():
         example = meta.examples[i]
-        if np.isneginf(scores[f]):
-            answers[example.id] = ""
-        else:
-            first, last = meta.offsets[f, span_start[f], 0], meta.offsets[f, span_end[f], 1]
-            answers[example.id] = example.context[first:last]
+        answers[example.id] = "" if span is None else example.context[span.start : span.end]
     return answers
 
 
@@ -326,65 +281,28 @@ class SquadTask(Task):
         return examples_from_rows(rows, where)
 
     # -- features ------------------------------------------------------------------------------------
-    def _questions(self, examples: list[SquadExample], tokenizer: Any) -> tuple[list[str], list[int]]:
-        """Left-stripped questions cut to max_query_length tokens (so they cannot crowd out the context),
-        with their token counts."""
-        limit = self.config.max_query_length
-        questions = [example.question.lstrip() for example in examples]
-        spans = tokenizer(questions, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        questions = [
-            q if len(s) <= limit else q[: s[limit - 1][1]] for q, s in zip(questions, spans, strict=True)
-        ]
-        lengths = [len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]]
-        return questions, lengths
-
-    def _check_room(self, examples: list[SquadExample], lengths: list[int], tokenizer: Any) -> None:
-        """Fail clearly where the tokenizer would panic: every window must fit more than doc_stride
-        context tokens next to the question."""
-        c = self.config
-        specials = tokenizer.num_special_tokens_to_add(pair=True)
-        room = c.max_seq_length - specials - np.asarray(lengths)
-        bad = np.flatnonzero(room <= c.doc_stride)
-        if len(bad):
-            i = int(bad[0])
-            others = f" ({len(bad) - 1} more questions have the same problem)" if len(bad) > 1 else ""
+    def _windows(
+        self, examples: list[SquadExample], tokenizer: Any, input_names: list[str]
+    ) -> tuple[dict[str, Tensor], Windows]:
+        questions = [example.question for example in examples]
+        contexts = [example.context for example in examples]
+        ids = [example.id for example in examples]
+        try:
+            return encode_windows(tokenizer, input_names, questions, contexts, self.config.qa_settings(), ids)
+        except WindowError as error:
             raise DataError(
-                f"question {examples[i].id!r} has {lengths[i]} tokens (after cutting to "
-                f"max_query_length={c.max_query_length}); with {specials} special tokens a "
-                f"max_seq_length={c.max_seq_length} window leaves {int(room[i])} context tokens, which must "
-                f"exceed doc_stride={c.doc_stride}{others}. Raise task.max_seq_length or lower "
-                "task.max_query_length or task.doc_stride."
-            )
-
-    def _encode(self, examples: list[SquadExample], tokenizer: Any, input_names: list[str]) -> Any:
-        if not getattr(tokenizer, "is_fast", False):
-            raise ValueError("SQuAD preprocessing needs a fast tokenizer (it uses offset mappings)")
-        questions, lengths = self._questions(examples, tokenizer)
-        self._check_room(examples, lengths, tokenizer)
-        return tokenize(
-            tokenizer,
-            input_names,
-            self.config.max_seq_length,
-            questions,
-            [example.context for example in examples],
-            truncation="only_second",
-            stride=self.config.doc_stride,
-            return_overflowing_tokens=True,
-            return_offsets_mapping=True,
-        )
+                f"{error} Raise task.max_seq_length or lower task.max_query_length or task.doc_stride."
+            ) from None
 
     def featurize(
         self, examples: list[SquadExample], tokenizer: Any, input_names: list[str], train: bool
     ) -> Features:
-        encoding = self._encode(examples, tokenizer, input_names)
-        inputs = select_inputs(encoding, input_names)
-        sample = np.asarray(encoding["overflow_to_sample_mapping"], dtype=np.int64)
-        offsets = np.asarray(encoding["offset_mapping"], dtype=np.int64)
-        context = np.array([[s == 1 for s in encoding.sequence_ids(f)] for f in range(len(sample))])
+        inputs, windows = self._windows(examples, tokenizer, input_names)
+        sample, offsets, context = windows.example_index, windows.offsets, windows.context_mask
         if not train:
-            return Features(inputs, {}, SquadMeta(examples, sample, offsets, context))
+            return Features(inputs, {}, SquadMeta(sample, offsets, context, examples))
         cls_id = tokenizer.cls_token_id
-        ids = np.asarray(encoding["input_ids"])
+        ids = inputs["input_ids"].numpy()
         cls = (ids == cls_id).argmax(axis=1) if cls_id is not None else np.zeros(len(sample), dtype=np.int64)
         starts, ends = answer_token_spans(examples, sample, offsets, context, cls.astype(np.int64))
         labels = {"start_positions": torch.from_numpy(starts), "end_positions": torch.from_numpy(ends)}
@@ -398,13 +316,16 @@ class SquadTask(Task):
         if not isinstance(meta, SquadMeta):
             raise ValueError("SQuAD scoring needs features from eval_features (they carry offsets)")
         logits = check_outputs(outputs, self.output_names, len(features))
-        c = self.config
-        predictions = decode_answers(
-            meta, logits["start_logits"], logits["end_logits"], c.n_best_size, c.max_answer_length
-        )
+        settings = self.config.qa_settings()
+        predictions = decode_answers(meta, logits["start_logits"], logits["end_logits"], settings)
         scored = dict.fromkeys(meta.example_index.tolist())
         gold = {meta.examples[i].id: meta.examples[i].answers for i in scored}
         return squad_evaluate(gold, predictions), predictions
+
+    def deploy_settings(self) -> dict[str, Any]:
+        settings = dataclasses.asdict(self.config.qa_settings())
+        del settings["max_seq_length"]  # the artifact records it for every task
+        return settings
 
     def task_loss(self, logits: dict[str, Tensor], labels: dict[str, Tensor]) -> Tensor:
         start = position_cross_entropy(logits["start_logits"], labels["start_positions"])

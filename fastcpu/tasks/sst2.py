@@ -19,9 +19,8 @@ from fastcpu.tasks.base import (
     read_text,
     require_columns,
     same_file,
-    select_inputs,
-    tokenize,
 )
+from fastcpu_runtime.processing import encode_texts
 
 NUM_LABELS = 2
 
@@ -128,9 +127,9 @@ class Sst2Task(Task):
     ) -> Features:
         """Labels ride along in eval features too: `score` reads them, so subsets stay aligned."""
         texts = [example.text for example in examples]
-        encoding = tokenize(tokenizer, input_names, self.config.max_seq_length, texts, truncation=True)
+        inputs = encode_texts(tokenizer, input_names, texts, self.config.max_seq_length)
         labels = torch.tensor([example.label for example in examples], dtype=torch.int64)
-        return Features(select_inputs(encoding, input_names), {"labels": labels})
+        return Features(inputs, {"labels": labels})
 
     # -- metrics and loss ----------------------------------------------------------------------------
     def score(

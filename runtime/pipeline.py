@@ -1,0 +1,195 @@
+"""Answer raw requests with a deployed artifact: questions and contexts, or texts, in; answers out.
+
+A pipeline owns one `Session` (fixed batch and sequence shape) and the artifact's tokenizer. It
+tokenizes as the trial did (`processing`, with the settings the artifact records), runs the windows
+through the session in batches of its shape, and decodes: the best span over a question's windows with
+its probability, or a label with its probability.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from .artifact import Artifact, load_artifact
+from .auto import AUTO
+from .errors import ArtifactError
+from .processing import QaSettings, best_spans, encode_texts, encode_windows, softmax
+from .session import Session, create_session
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An extractive answer: `context[start:end]`; empty with start = end = -1 when no span is valid."""
+
+    answer: str
+    score: float  # P(start) * P(end) in the window the span came from
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Label:
+    """A predicted class and its probability."""
+
+    label: str
+    score: float
+
+
+class Pipeline(ABC):
+    """Raw requests to predictions with one deployed model; build one with `load_pipeline`."""
+
+    head: ClassVar[str]
+    columns: ClassVar[tuple[str, ...]]  # the fields of one request
+    outputs: ClassVar[tuple[str, ...]]  # the model outputs decoding reads
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.artifact: Artifact = session.artifact
+        self.tokenizer = self.artifact.tokenizer()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.session!r})"
+
+    @classmethod
+    def check(cls, artifact: Artifact) -> None:
+        """Refuse an artifact that lacks what this pipeline needs, before a session is compiled."""
+        missing = [name for name in cls.outputs if name not in artifact.output_names]
+        if missing:
+            raise ArtifactError(
+                f"{artifact.path}: a {artifact.head} model must output {list(cls.outputs)}; this one outputs "
+                f"{artifact.output_names}"
+            )
+
+    @classmethod
+    def check_requests(cls, rows: Sequence[Any]) -> None:
+        """Each request must map every name in `columns` to a string; say which one does not."""
+        for index, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                kind = type(row).__name__
+                raise ValueError(
+                    f"request {index} is a {kind}; each request is an object with {list(cls.columns)}"
+                )
+            missing = [name for name in cls.columns if name not in row]
+            if missing:
+                raise ValueError(
+                    f"request {index} lacks {missing}; each request has {list(cls.columns)}, got {list(row)}"
+                )
+            wrong = {name: type(row[name]).__name__ for name in cls.columns if not isinstance(row[name], str)}
+            if wrong:
+                raise ValueError(f"request {index}: {wrong} must be strings")
+
+    def predict(self, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """One prediction (a dict) per request; each request maps every name in `columns` to a string."""
+        self.check_requests(rows)
+        if not rows:
+            return []
+        columns = [[row[name] for row in rows] for name in self.columns]
+        return [asdict(prediction) for prediction in self(*columns)]
+
+    @abstractmethod
+    def __call__(self, *columns: Sequence[str]) -> list[Any]:
+        """Predictions for parallel lists of request fields, in `columns` order."""
+
+    def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """Every output over all rows of `inputs`, in calls of the session's batch size."""
+        rows = len(inputs["input_ids"])
+        step = self.session.batch_size
+        chunks: dict[str, list[np.ndarray]] = {name: [] for name in self.artifact.output_names}
+        for start in range(0, rows, step):
+            outputs = self.session.run({name: t[start : start + step] for name, t in inputs.items()})
+            for name in chunks:
+                chunks[name].append(outputs[name].numpy())
+        return {name: np.concatenate(parts) if parts else np.zeros((0,)) for name, parts in chunks.items()}
+
+
+class QuestionAnsweringPipeline(Pipeline):
+    head = "question_answering"
+    columns = ("question", "context")
+    outputs = ("start_logits", "end_logits")
+
+    def __init__(self, session: Session) -> None:
+        super().__init__(session)
+        self.settings = QaSettings.from_manifest(self.artifact.task)
+
+    @classmethod
+    def check(cls, artifact: Artifact) -> None:
+        super().check(artifact)
+        QaSettings.from_manifest(artifact.task)
+
+    def __call__(self, questions: Sequence[str], contexts: Sequence[str]) -> list[Answer]:
+        names = self.artifact.input_names
+        inputs, windows = encode_windows(self.tokenizer, names, questions, contexts, self.settings)
+        outputs = self._run(inputs)
+        start, end = outputs["start_logits"], outputs["end_logits"]
+        spans = best_spans(windows, start, end, self.settings)
+        answers = []
+        for i, context in enumerate(contexts):
+            span = spans.get(i)
+            if span is None:
+                answers.append(Answer("", 0.0, -1, -1))
+                continue
+            score = span.probability(start, end, windows.context_mask)
+            answers.append(Answer(context[span.start : span.end], score, span.start, span.end))
+        return answers
+
+
+class TextClassificationPipeline(Pipeline):
+    head = "sequence_classification"
+    columns = ("text",)
+    outputs = ("logits",)
+
+    def __init__(self, session: Session) -> None:
+        super().__init__(session)
+        id2label = self.artifact.model_config.get("id2label") or {}
+        self.labels = {int(index): str(name) for index, name in id2label.items()}
+
+    def __call__(self, texts: Sequence[str]) -> list[Label]:
+        inputs = encode_texts(self.tokenizer, self.artifact.input_names, texts, self.artifact.max_seq_length)
+        probabilities = softmax(self._run(inputs)["logits"])
+        best = probabilities.argmax(axis=1)
+        return [
+            Label(self.labels.get(int(k), str(int(k))), float(p[k]))
+            for k, p in zip(best, probabilities, strict=True)
+        ]
+
+
+PIPELINES: dict[str, type[Pipeline]] = {
+    cls.head: cls for cls in (QuestionAnsweringPipeline, TextClassificationPipeline)
+}
+
+
+def pipeline_class(artifact: Artifact) -> type[Pipeline]:
+    """The pipeline for the artifact's task head, once it has checked the artifact (no compilation)."""
+    kind = PIPELINES.get(artifact.head)
+    if kind is None:
+        raise ArtifactError(
+            f"{artifact.path}: no pipeline answers requests for head {artifact.head!r}; pipelines exist for "
+            f"{sorted(PIPELINES)}"
+        )
+    kind.check(artifact)
+    return kind
+
+
+def load_pipeline(
+    artifact: Artifact | str | os.PathLike[str],
+    backend: str = AUTO,
+    *,
+    batch_size: int = 8,
+    threads: int | None = None,
+) -> Pipeline:
+    """The pipeline for the artifact's task head on `backend`; `batch_size` windows (QA) or texts run per
+    call, at the artifact's sequence length (the session is compiled for that shape here)."""
+    if not isinstance(artifact, Artifact):
+        artifact = load_artifact(artifact)
+    kind = pipeline_class(artifact)
+    session = create_session(
+        artifact, backend, batch_size=batch_size, seq_len=artifact.max_seq_length, threads=threads
+    )
+    return kind(session)
