@@ -22,13 +22,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import optuna
 import sqlalchemy.exc
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
 from .config import ConfigError, build, check_range, store_base, to_plain
-from .pareto import REFERENCE_ATTR, Report
+from .pareto import REFERENCE_ATTR, Report, value
+from .serving import log_model_into_run, register
 from .sweep import Sweep, load_sweep
 from .teacher import Teachers, load_model_config, resolve_source
 from .tracking import create_parent_run, finish_parent_run, flatten, tracking_uri
@@ -47,7 +49,18 @@ class StudyFailed(Exception):
 
 DEFAULT_STORAGE = Path("sweeps") / "optuna.db"
 PARENT_ATTR = "mlflow_parent_run_id"
-TRIAL_ATTRS = ("throughput", "latency_p50_ms", "latency_p90_ms", "model_mb", "sparsity", "mlflow_run_id")
+TRIAL_ATTRS = (
+    "throughput",
+    "latency_p50_ms",
+    "latency_p90_ms",
+    "model_mb",
+    "sparsity",
+    "mlflow_run_id",
+    "mlflow_model_uri",
+    "backend",  # how the trial was measured, hence how its model serves
+    "batch_size",
+    "threads",
+)
 SAMPLERS = ("tpe", "nsga2")
 
 
@@ -225,10 +238,30 @@ class Study:
         running = _count(study, TrialState.RUNNING)
         failed = not report.complete and not running
         status = "FAILED" if failed else "RUNNING" if running else "FINISHED"
+        if status == "FINISHED":
+            self._publish(report)
         finish_parent_run(self.base.tracking, parent, status, report.files(self.output_dir), report.summary())
         if failed:
             raise StudyFailed(failure_summary(study))
         return report
+
+    def _publish(self, report: Report) -> None:
+        """The study's pick as an MLflow model (logged now unless its trial logged it) and, when
+        `tracking.registered_model` names one, a new version of that registered model."""
+        tracking = self.base.tracking
+        best = report.best()
+        if not tracking.enabled or tracking.log_models == "none" or best is None:
+            return
+        from .tasks import make_task
+
+        attrs = best.user_attrs
+        mlflow.set_tracking_uri(tracking_uri(tracking))
+        uri = attrs["mlflow_model_uri"] or log_model_into_run(
+            attrs["mlflow_run_id"], Path(attrs["artifact"]), make_task(self.base.task), attrs
+        )
+        if tracking.registered_model:
+            metrics = {name: value(best, name, report.metric_names) for name in report.columns}
+            register(uri, tracking.registered_model, metrics, best.number)
 
     @contextlib.contextmanager
     def _interruptible(self) -> Iterator[None]:

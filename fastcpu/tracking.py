@@ -17,9 +17,12 @@ from typing import Any
 
 import mlflow
 
-from .config import store_base
+from .config import ConfigError, store_base
+from .serving import log_model
+from .tasks.base import Task
 
 DEFAULT_STORE = Path("mlruns")
+LOG_MODELS = ("best", "all", "none")
 
 
 @dataclass
@@ -30,6 +33,17 @@ class TrackingConfig:
     )
     experiment: str = "fastcpu"  # MLflow experiment the runs go to
     run_name: str | None = None  # null: MLflow picks one
+    # the artifact as an MLflow model that serves requests: best (the study's pick, or a lone trial),
+    # all (every complete trial; each costs its size in the artifact store), none
+    log_models: str = "best"
+    # Model Registry name the study's pick is registered under (a new version per study); null: none
+    registered_model: str | None = "fastcpu-${name}"
+
+    def validate(self, key: str) -> None:
+        if self.log_models not in LOG_MODELS:
+            raise ConfigError(f"{key}.log_models={self.log_models!r} is not one of {', '.join(LOG_MODELS)}")
+        if self.registered_model == "":
+            raise ConfigError(f"{key}.registered_model is an empty string; use null to register nothing")
 
 
 store_base("tracking", TrackingConfig())
@@ -79,6 +93,10 @@ class Tracker:
     def text(self, text: str, name: str) -> None:
         if self.run:
             mlflow.log_text(text, name)
+
+    def model(self, artifact_dir: Path, task: Task, result: dict[str, Any]) -> str | None:
+        """Log the artifact as an MLflow model (`serving.log_model`); its URI, or None untracked."""
+        return log_model(artifact_dir, task, result) if self.run else None
 
 
 @contextlib.contextmanager

@@ -224,6 +224,10 @@ def run_trial(
         result |= {f"train_{k}": v for k, v in summary.items()}
         result["artifact"] = str(artifact_dir.resolve())
         result["mlflow_run_id"] = tracker.run_id
+        logs_model = config.tracking.log_models == "all" or (
+            config.tracking.log_models == "best" and parent_run_id is None  # a lone trial is its own pick
+        )
+        result["mlflow_model_uri"] = tracker.model(artifact_dir, task, result) if logs_model else None
 
         _write_json(output_dir / "predictions.json", predictions)
         tracker.metrics(_headline(result))

@@ -48,6 +48,7 @@ class Pipeline(ABC):
     head: ClassVar[str]
     columns: ClassVar[tuple[str, ...]]  # the fields of one request
     outputs: ClassVar[tuple[str, ...]]  # the model outputs decoding reads
+    result: ClassVar[type]  # the dataclass each request's prediction is
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -113,6 +114,7 @@ class QuestionAnsweringPipeline(Pipeline):
     head = "question_answering"
     columns = ("question", "context")
     outputs = ("start_logits", "end_logits")
+    result = Answer
 
     def __init__(self, session: Session) -> None:
         super().__init__(session)
@@ -144,6 +146,7 @@ class TextClassificationPipeline(Pipeline):
     head = "sequence_classification"
     columns = ("text",)
     outputs = ("logits",)
+    result = Label
 
     def __init__(self, session: Session) -> None:
         super().__init__(session)

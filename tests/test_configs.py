@@ -71,6 +71,7 @@ def test_main_experiment_settings():
     assert config.student.layers == [0, 2, 4]
     assert config.task.train_file.endswith("squad_sample.json")
     assert config.training.dropout == 0.0 and config.teacher.training.dropout is None  # teacher: its own
+    assert config.tracking.log_models == "best" and config.tracking.registered_model == "fastcpu-squad"
 
 
 @pytest.mark.parametrize(
@@ -101,6 +102,8 @@ def test_main_experiment_settings():
         ("student.layers=[0,0]", "student.layers=[0, 0] repeats a layer"),
         ("task.doc_stride=500", "task.doc_stride"),
         ("training.precision=fp8", "training.precision='fp8' is not allowed; allowed: fp32, bf16"),
+        ("tracking.log_models=some", "tracking.log_models='some' is not one of best, all, none"),
+        ("tracking.registered_model=''", "tracking.registered_model is an empty string; use null"),
     ],
 )
 def test_bad_value_names_key_and_allowed(override, message):

@@ -5,6 +5,7 @@ the feasible complete trials; a failing trial, a constraint and an interruption 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import FIXTURES
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from test_trial_e2e import TINY_TRIAL
@@ -248,6 +250,78 @@ def test_optuna_dashboard_serves_the_study(study):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def wait_until_up(url: str, server: subprocess.Popen, timeout: float) -> None:
+    """Poll `url` until it answers 200; fail if the server exits or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while server.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"{url} did not come up (server exit code {server.poll()})")
+
+
+def printed_best(printed: str) -> int:
+    """The number of the trial the command named its pick ("best trial ...: N (...)")."""
+    line = next(line for line in printed.splitlines() if line.startswith("best trial"))
+    return int(line.split(": ", 1)[1].split()[0])
+
+
+def test_study_pick_is_registered_and_served_over_http(study):
+    """The study's pick becomes version 1 of `fastcpu-squad`, tagged with its trial and metrics;
+    `mlflow models serve` of models:/fastcpu-squad/latest answers a real HTTP request as the trial did."""
+    workdir, printed, loaded = study
+    uri = f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"
+    best = loaded.trials[printed_best(printed)]
+    version = MlflowClient(uri).get_model_version("fastcpu-squad", "1")
+    assert version.tags["fastcpu.trial"] == str(best.number)
+    assert float(version.tags["f1"]) == best.values[0] and version.run_id == best.user_attrs["mlflow_run_id"]
+    article = json.loads((FIXTURES / "squad_tiny.json").read_text())["data"][3]
+    rows = [(qa["id"], qa["question"], p["context"]) for p in article["paragraphs"] for qa in p["qas"]]
+    port = free_port()
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    command = [
+        str(mlflow_cli),
+        "models",
+        "serve",
+        "-m",
+        "models:/fastcpu-squad/latest",
+        "--env-manager",
+        "local",
+    ]
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "PATH": f"{mlflow_cli.parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    server = subprocess.Popen(
+        [*command, "-h", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/ping", server, timeout=180)
+        body = {
+            "dataframe_records": [{"question": question, "context": context} for _, question, context in rows]
+        }
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answers = json.loads(response.read())["predictions"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    predictions = json.loads((Path(best.user_attrs["output_dir"]) / "predictions.json").read_text())
+    assert {qid: answer["answer"] for (qid, *_), answer in zip(rows, answers, strict=True)} == predictions
+    assert all(0.0 <= answer["score"] <= 1.0 for answer in answers)
 
 
 def wait_for_running_trial(

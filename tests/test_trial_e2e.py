@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
+import pandas as pd
 import pytest
 from conftest import FIXTURES
 from mlflow.tracking import MlflowClient
@@ -125,6 +127,23 @@ def test_trial_leaves_an_mlflow_run_with_metrics(trial):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "predictions.json", "result.json", "artifact"} <= artifacts
     assert (workdir / "mlruns" / "artifacts").is_dir()
+
+
+def test_a_lone_trial_logs_its_artifact_as_an_mlflow_model_that_answers(trial):
+    """tracking.log_models=best (the default): a trial outside a study is its own pick. The logged
+    pyfunc takes a table of questions and contexts and answers as the trial was scored."""
+    workdir, _ = trial
+    result = json.loads((workdir / "first" / "result.json").read_text())
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model(result["mlflow_model_uri"])
+    assert model.metadata.get_input_schema().input_names() == ["question", "context"]
+    article = json.loads((FIXTURES / "squad_tiny.json").read_text())["data"][3]
+    rows = [(qa["id"], qa["question"], p["context"]) for p in article["paragraphs"] for qa in p["qas"]]
+    table = pd.DataFrame([{"question": question, "context": context} for _, question, context in rows])
+    answered = model.predict(table)
+    assert list(answered.columns) == ["answer", "score", "start", "end"]
+    predictions = json.loads((workdir / "first" / "predictions.json").read_text())
+    assert dict(zip([qid for qid, *_ in rows], answered["answer"], strict=True)) == predictions
 
 
 def test_second_trial_reuses_the_cached_teacher(trial):
