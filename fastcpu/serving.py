@@ -71,7 +71,7 @@ def _requirements() -> list[str]:
 
 def log_model(artifact_dir: Path, task: Task, result: dict[str, Any]) -> str:
     """Log the artifact as an MLflow model into the active run; returns its URI. MLflow loads it and
-    answers the example request once here, so a model that cannot serve fails now, not at deployment."""
+    answers the example request once here (and warns, with the error, if it cannot)."""
     kind = pipeline_class(load_artifact(artifact_dir))
     runtime = {"backend": result["backend"], "batch_size": result["batch_size"], "threads": result["threads"]}
     info = mlflow.pyfunc.log_model(
