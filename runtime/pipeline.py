@@ -89,14 +89,23 @@ class Pipeline(ABC):
     def predict(self, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """One prediction (a dict) per request; each request maps every name in `columns` to a string."""
         self.check_requests(rows)
-        if not rows:
-            return []
         columns = [[row[name] for row in rows] for name in self.columns]
         return [asdict(prediction) for prediction in self(*columns)]
 
-    @abstractmethod
     def __call__(self, *columns: Sequence[str]) -> list[Any]:
-        """Predictions for parallel lists of request fields, in `columns` order."""
+        """Predictions for parallel lists of request fields, in `columns` order (e.g. questions, contexts)."""
+        if len(columns) != len(self.columns):
+            raise TypeError(
+                f"{type(self).__name__} takes {len(self.columns)} lists: {', '.join(self.columns)}"
+            )
+        lengths = {name: len(values) for name, values in zip(self.columns, columns, strict=True)}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"the request fields differ in length: {lengths}")
+        return self._predict(*columns) if columns[0] else []
+
+    @abstractmethod
+    def _predict(self, *columns: Sequence[str]) -> list[Any]:
+        """`__call__` for one or more requests."""
 
     def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         """Every output over all rows of `inputs`, in calls of the session's batch size."""
@@ -107,7 +116,7 @@ class Pipeline(ABC):
             outputs = self.session.run({name: t[start : start + step] for name, t in inputs.items()})
             for name in chunks:
                 chunks[name].append(outputs[name].numpy())
-        return {name: np.concatenate(parts) if parts else np.zeros((0,)) for name, parts in chunks.items()}
+        return {name: np.concatenate(parts) for name, parts in chunks.items()}
 
 
 class QuestionAnsweringPipeline(Pipeline):
@@ -125,7 +134,7 @@ class QuestionAnsweringPipeline(Pipeline):
         super().check(artifact)
         QaSettings.from_manifest(artifact.task)
 
-    def __call__(self, questions: Sequence[str], contexts: Sequence[str]) -> list[Answer]:
+    def _predict(self, questions: Sequence[str], contexts: Sequence[str]) -> list[Answer]:
         names = self.artifact.input_names
         inputs, windows = encode_windows(self.tokenizer, names, questions, contexts, self.settings)
         outputs = self._run(inputs)
@@ -153,7 +162,7 @@ class TextClassificationPipeline(Pipeline):
         id2label = self.artifact.model_config.get("id2label") or {}
         self.labels = {int(index): str(name) for index, name in id2label.items()}
 
-    def __call__(self, texts: Sequence[str]) -> list[Label]:
+    def _predict(self, texts: Sequence[str]) -> list[Label]:
         inputs = encode_texts(self.tokenizer, self.artifact.input_names, texts, self.artifact.max_seq_length)
         probabilities = softmax(self._run(inputs)["logits"])
         best = probabilities.argmax(axis=1)

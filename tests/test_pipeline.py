@@ -70,7 +70,9 @@ def test_predict_takes_and_returns_rows(qa) -> None:
         {"answer": a.answer, "score": a.score, "start": a.start, "end": a.end}
         for a in qa(QUESTIONS, CONTEXTS)
     ]
-    assert qa.predict([]) == []
+    assert qa.predict([]) == [] and qa([], []) == []
+    with pytest.raises(ValueError, match=r"differ in length: \{'question': 2, 'context': 1\}"):
+        qa(QUESTIONS[:2], CONTEXTS[:1])
 
 
 @pytest.mark.parametrize(
