@@ -238,9 +238,14 @@ class Study:
         running = _count(study, TrialState.RUNNING)
         failed = not report.complete and not running
         status = "FAILED" if failed else "RUNNING" if running else "FINISHED"
-        if status == "FINISHED":
-            self._publish(report)
-        finish_parent_run(self.base.tracking, parent, status, report.files(self.output_dir), report.summary())
+        files, summary = report.files(self.output_dir), report.summary()
+        try:
+            if status == "FINISHED":
+                self._publish(report)
+        except Exception:
+            finish_parent_run(self.base.tracking, parent, "FAILED", files, summary)
+            raise
+        finish_parent_run(self.base.tracking, parent, status, files, summary)
         if failed:
             raise StudyFailed(failure_summary(study))
         return report
