@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 
 from .config import ConfigError, build, check_range, store_base, to_plain
 from .pareto import REFERENCE_ATTR, Report, value
-from .serving import log_model_into_run, register
+from .serving import check_registered_name, log_model_into_run, register
 from .sweep import Sweep, load_sweep
 from .teacher import Teachers, load_model_config, resolve_source
 from .tracking import create_parent_run, finish_parent_run, flatten, tracking_uri
@@ -202,6 +202,10 @@ class Study:
         self.sweep.check_metrics(result_metrics(make_task(self.base.task)))
         check_against_teacher(self.base, load_model_config(resolve_source(self.base.teacher.model)))
         self.sweep.check_keys(lambda extra: TrialConfig.from_hydra(self.compose([*self.overrides, *extra])))
+        tracking = self.base.tracking
+        if tracking.enabled and tracking.log_models != "none" and tracking.registered_model:
+            mlflow.set_tracking_uri(tracking_uri(tracking))
+            check_registered_name(tracking.registered_model, self.base.task.name)
 
     def run(self) -> Report:
         self.check()
@@ -266,7 +270,7 @@ class Study:
         )
         if tracking.registered_model:
             metrics = {name: value(best, name, report.metric_names) for name in report.columns}
-            register(uri, tracking.registered_model, metrics, best.number)
+            register(uri, tracking.registered_model, self.base.task.name, metrics, best.number)
 
     @contextlib.contextmanager
     def _interruptible(self) -> Iterator[None]:

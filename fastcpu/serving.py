@@ -23,10 +23,12 @@ from mlflow.types import ColSpec, Schema
 from fastcpu_runtime import load_artifact, load_pipeline
 from fastcpu_runtime.pipeline import Pipeline, pipeline_class
 
+from .config import ConfigError
 from .tasks.base import Task
 
 log = logging.getLogger(__name__)
 
+TASK_TAG = "fastcpu.task"  # on every registered version: one registered name serves one task
 ARTIFACT = "artifact"  # the key of the artifact directory among the model's files
 MODEL_NAME = "model"  # the model's name in its run
 _COLUMN_TYPES = {"str": "string", "float": "double", "int": "long"}  # result dataclass field -> MLflow type
@@ -92,11 +94,23 @@ def log_model_into_run(run_id: str, artifact_dir: Path, task: Task, result: dict
         return log_model(artifact_dir, task, result)
 
 
-def register(model_uri: str, name: str, metrics: dict[str, float], trial: int) -> str:
-    """A new version of registered model `name`, tagged with the trial's number and metrics."""
+def check_registered_name(name: str, task: str) -> None:
+    """Refuse a registered model name whose versions answer another task (a client of `fastcpu-squad`
+    must not start getting labels), before the study does any work."""
+    versions = mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
+    others = sorted({version.tags.get(TASK_TAG) for version in versions} - {task, None})
+    if others:
+        raise ConfigError(
+            f"tracking.registered_model={name!r} already holds models of task {', '.join(others)}, and this "
+            f"study's task is {task}; choose another name"
+        )
+
+
+def register(model_uri: str, name: str, task: str, metrics: dict[str, float], trial: int) -> str:
+    """A new version of registered model `name`, tagged with the task and the trial's number and metrics."""
     version = mlflow.register_model(model_uri, name)
     client = mlflow.MlflowClient()
-    for key, value in {"fastcpu.trial": trial, **metrics}.items():
+    for key, value in {TASK_TAG: task, "fastcpu.trial": trial, **metrics}.items():
         client.set_model_version_tag(name, version.version, key, str(value))
     serve = f"mlflow models serve -m models:/{name}/{version.version} --env-manager local"
     log.info("registered trial %d as %s version %s; serve it: %s", trial, name, version.version, serve)

@@ -123,7 +123,12 @@ class Artifact:
     def tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.path)
+        try:
+            return AutoTokenizer.from_pretrained(self.path)
+        except (OSError, ValueError) as error:
+            raise ArtifactError(
+                f"{self.path}: its tokenizer cannot be loaded ({error}); {_REEXPORT}"
+            ) from None
 
     def packed_weights(self) -> dict[str, Any] | None:
         """{module: PackedWeight} stored at export for the sparse kernel, or None if the exporter stored

@@ -50,16 +50,16 @@ class Pipeline(ABC):
     outputs: ClassVar[tuple[str, ...]]  # the model outputs decoding reads
     result: ClassVar[type]  # the dataclass each request's prediction is
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, tokenizer: Any) -> None:
         self.session = session
         self.artifact: Artifact = session.artifact
-        self.tokenizer = self.artifact.tokenizer()
+        self.tokenizer = tokenizer
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.session!r})"
 
     @classmethod
-    def check(cls, artifact: Artifact) -> None:
+    def check(cls, artifact: Artifact, tokenizer: Any) -> None:
         """Refuse an artifact that lacks what this pipeline needs, before a session is compiled."""
         missing = [name for name in cls.outputs if name not in artifact.output_names]
         if missing:
@@ -85,6 +85,9 @@ class Pipeline(ABC):
             wrong = {name: type(row[name]).__name__ for name in cls.columns if not isinstance(row[name], str)}
             if wrong:
                 raise ValueError(f"request {index}: {wrong} must be strings")
+            empty = [name for name in cls.columns if not row[name].strip()]
+            if empty:
+                raise ValueError(f"request {index}: {empty} empty; every field needs text")
 
     def predict(self, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """One prediction (a dict) per request; each request maps every name in `columns` to a string."""
@@ -125,14 +128,20 @@ class QuestionAnsweringPipeline(Pipeline):
     outputs = ("start_logits", "end_logits")
     result = Answer
 
-    def __init__(self, session: Session) -> None:
-        super().__init__(session)
+    def __init__(self, session: Session, tokenizer: Any) -> None:
+        super().__init__(session, tokenizer)
         self.settings = QaSettings.from_manifest(self.artifact.task)
 
     @classmethod
-    def check(cls, artifact: Artifact) -> None:
-        super().check(artifact)
+    def check(cls, artifact: Artifact, tokenizer: Any) -> None:
+        super().check(artifact, tokenizer)
         QaSettings.from_manifest(artifact.task)
+        if not getattr(tokenizer, "is_fast", False):
+            raise ArtifactError(
+                f"{artifact.path}: its tokenizer ({type(tokenizer).__name__}) is a slow one without offset "
+                "mappings, which question answering needs to map answers back to the context; save a fast "
+                "tokenizer (AutoTokenizer.from_pretrained(..., use_fast=True)) with the model and re-export"
+            )
 
     def _predict(self, questions: Sequence[str], contexts: Sequence[str]) -> list[Answer]:
         names = self.artifact.input_names
@@ -157,8 +166,8 @@ class TextClassificationPipeline(Pipeline):
     outputs = ("logits",)
     result = Label
 
-    def __init__(self, session: Session) -> None:
-        super().__init__(session)
+    def __init__(self, session: Session, tokenizer: Any) -> None:
+        super().__init__(session, tokenizer)
         id2label = self.artifact.model_config.get("id2label") or {}
         self.labels = {int(index): str(name) for index, name in id2label.items()}
 
@@ -178,14 +187,13 @@ PIPELINES: dict[str, type[Pipeline]] = {
 
 
 def pipeline_class(artifact: Artifact) -> type[Pipeline]:
-    """The pipeline for the artifact's task head, once it has checked the artifact (no compilation)."""
+    """The pipeline for the artifact's task head."""
     kind = PIPELINES.get(artifact.head)
     if kind is None:
         raise ArtifactError(
             f"{artifact.path}: no pipeline answers requests for head {artifact.head!r}; pipelines exist for "
             f"{sorted(PIPELINES)}"
         )
-    kind.check(artifact)
     return kind
 
 
@@ -201,7 +209,9 @@ def load_pipeline(
     if not isinstance(artifact, Artifact):
         artifact = load_artifact(artifact)
     kind = pipeline_class(artifact)
+    tokenizer = artifact.tokenizer()
+    kind.check(artifact, tokenizer)  # before the session compiles
     session = create_session(
         artifact, backend, batch_size=batch_size, seq_len=artifact.max_seq_length, threads=threads
     )
-    return kind(session)
+    return kind(session, tokenizer)

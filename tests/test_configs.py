@@ -160,6 +160,26 @@ def test_cli_rejects_bad_value_before_any_work(tmp_path):
     assert not list(tmp_path.rglob("result.json")) and not list(tmp_path.rglob("manifest.json"))
 
 
+def test_registered_name_of_another_task_stops_a_study_before_any_work(tmp_path):
+    """`fastcpu-squad` already serving SST-2 labels: a SQuAD study must not add question answering to it."""
+    from mlflow import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(store, registry_uri=store)
+    client.create_registered_model("fastcpu-squad")
+    client.create_model_version("fastcpu-squad", str(tmp_path), tags={"fastcpu.task": "sst2"})
+    command = [sys.executable, "-m", "fastcpu", "+experiment=squad", f"tracking.uri={store}"]
+    command += [f"hydra.run.dir={tmp_path}/out", f"teacher.cache_dir={tmp_path}/cache"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [
+        "fastcpu: error: tracking.registered_model='fastcpu-squad' already holds models of task sst2, and "
+        "this study's task is squad; choose another name"
+    ], done.stderr[-2000:]
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "sweeps").exists()
+
+
 @pytest.mark.parametrize("mode", [[], ["~search"]], ids=["study", "trial"])
 @pytest.mark.parametrize(
     ("override", "message"),

@@ -84,6 +84,10 @@ def test_predict_takes_and_returns_rows(qa) -> None:
         ),
         ([{"question": "Who?", "context": 3}], r"request 0: \{'context': 'int'\} must be strings"),
         (["Who?"], r"request 0 is a str; each request is an object with \['question', 'context'\]"),
+        (
+            [{"question": "Who?", "context": "Tesla."}, {"question": "Who?", "context": " "}],
+            r"request 1: \['context'\] empty",
+        ),
     ],
 )
 def test_bad_requests_say_what_is_expected(qa, rows, message) -> None:
@@ -106,6 +110,28 @@ def test_artifact_without_qa_settings_is_refused_before_compiling(tmp_path, toke
     old = save(tmp_path / "old", model, tokenizer, task=QA_TASK)  # as artifacts were before pipelines
     with pytest.raises(rt.ArtifactError, match=r"records no \['doc_stride', 'max_query_length'.*re-export"):
         rt.load_pipeline(old, "eager")
+
+
+def test_slow_tokenizer_is_refused_for_question_answering(tmp_path, tokenizer) -> None:
+    """Answers are mapped back to the context through offset mappings, which only fast tokenizers give."""
+    from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
+
+    slow = BertTokenizerLegacy.from_pretrained(tokenizer.name_or_path)
+    model = tiny_runtime_model(BertForQuestionAnswering)
+    artifact = save(tmp_path / "slow", model, slow, task=QA_TASK | QA_SETTINGS)
+    with pytest.raises(
+        rt.ArtifactError, match=r"BertTokenizerLegacy\) is a slow one without offset mappings"
+    ):
+        rt.load_pipeline(artifact, "eager")
+
+
+def test_artifact_missing_its_tokenizer_is_refused(tmp_path, qa_artifact) -> None:
+    import shutil
+
+    broken = shutil.copytree(qa_artifact, tmp_path / "broken")
+    (broken / "tokenizer.json").unlink()
+    with pytest.raises(rt.ArtifactError, match="tokenizer.json"):
+        rt.load_pipeline(broken, "eager")
 
 
 def test_heads_without_a_pipeline_are_refused(tmp_path, tokenizer) -> None:
