@@ -202,14 +202,12 @@ class Study:
         self.sweep.check_metrics(result_metrics(make_task(self.base.task)))
         check_against_teacher(self.base, load_model_config(resolve_source(self.base.teacher.model)))
         self.sweep.check_keys(lambda extra: TrialConfig.from_hydra(self.compose([*self.overrides, *extra])))
-        tracking = self.base.tracking
-        if tracking.enabled and tracking.log_models != "none" and tracking.registered_model:
-            mlflow.set_tracking_uri(tracking_uri(tracking))
-            check_registered_name(tracking.registered_model, self.base.task.name)
 
     def run(self) -> Report:
         self.check()
         study, created = open_study(self.config, self.sweep)
+        if created:  # one worker checks (and so first opens the MLflow store); the others find its study
+            self._check_registered_name()
         parent = self._parent_run(study, created)
         log.info(
             "study %r in %s: %d trial(s) already complete",
@@ -253,6 +251,13 @@ class Study:
         if failed:
             raise StudyFailed(failure_summary(study))
         return report
+
+    def _check_registered_name(self) -> None:
+        """A registered name that already serves another task stops the study before any trial."""
+        tracking = self.base.tracking
+        if tracking.enabled and tracking.log_models != "none" and tracking.registered_model:
+            mlflow.set_tracking_uri(tracking_uri(tracking))
+            check_registered_name(tracking.registered_model, self.base.task.name)
 
     def _publish(self, report: Report) -> None:
         """The study's pick as an MLflow model (logged now unless its trial logged it) and, when

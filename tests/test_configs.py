@@ -177,7 +177,10 @@ def test_registered_name_of_another_task_stops_a_study_before_any_work(tmp_path)
         "fastcpu: error: tracking.registered_model='fastcpu-squad' already holds models of task sst2, and "
         "this study's task is squad; choose another name"
     ], done.stderr[-2000:]
-    assert not (tmp_path / "cache").exists() and not (tmp_path / "sweeps").exists()
+    assert not (tmp_path / "cache").exists() and not list(
+        tmp_path.rglob("result.json")
+    )  # no teacher, no trial
+    assert client.get_experiment_by_name("fastcpu") is None  # nor a parent run
 
 
 @pytest.mark.parametrize("mode", [[], ["~search"]], ids=["study", "trial"])
