@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from fastcpu_runtime import quantize_per_channel
+from fastcpu_runtime.architectures import encoder_linears
 
-from .architectures import encoder_linears
 from .config import Registry, check_range
 from .methods import Method
 

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
+from fastcpu_runtime.modeling import supported_attention
+
 from . import __version__
 from .config import ConfigError, check_range, store_base
 from .evaluation import evaluate, module_runner
@@ -108,6 +110,14 @@ def weights_digest(model: nn.Module) -> str:
     return tensors_digest(model.state_dict())
 
 
+def model_fingerprint(model: nn.Module, tokenizer: Any) -> dict[str, Any]:
+    """What decides a tuned teacher besides its weights: the architecture (two families can share
+    identical weights) and the tokenization (the same text gives other features)."""
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    tokenization = json.dumps([tokenizer.backend_tokenizer.to_str(), list(tokenizer.model_input_names)])
+    return {"config": _digest(config), "tokenizer": hashlib.sha256(tokenization.encode()).hexdigest()}
+
+
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
     digest = hashlib.sha256()
@@ -118,7 +128,10 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _load(task: Task, source: str) -> tuple[nn.Module, Any]:
-    model = task.auto_model_class().from_pretrained(source, attn_implementation="sdpa", **task.model_kwargs())
+    auto_class = task.auto_model_class()
+    model_class = auto_class._model_mapping[type(load_model_config(source))]
+    attention = supported_attention(model_class, "sdpa")
+    model = auto_class.from_pretrained(source, attn_implementation=attention, **task.model_kwargs())
     return model.eval(), AutoTokenizer.from_pretrained(source)
 
 
@@ -149,7 +162,12 @@ def prepare_teacher(config: TeacherConfig, task: Task, seed: int) -> Teacher:
     finetune = config.finetune == "always" or (config.finetune == "auto" and not tuned)
     seed_everything(seed)  # a freshly initialised task head must hash (and train) the same every time
     model, tokenizer = _load(task, source)
-    key_parts = {"weights": weights_digest(model), "task": task.fingerprint(), "version": __version__}
+    key_parts = {
+        "weights": weights_digest(model),
+        **model_fingerprint(model, tokenizer),
+        "task": task.fingerprint(),
+        "version": __version__,
+    }
     cache = Path(config.cache_dir).expanduser()
     if not finetune:
         metrics = _cached_score(

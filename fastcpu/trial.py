@@ -18,6 +18,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from fastcpu_runtime.architectures import family_layer_map
+
 from .config import ConfigError, build, to_plain
 from .distillation import DistillationConfig, Distiller, build_distillation
 from .export import export_artifact
@@ -133,7 +135,11 @@ def position_limit(model_config: Any) -> int | None:
 
 def check_against_teacher(config: TrialConfig, model_config: Any) -> None:
     """What the teacher's config alone can refute, before any weights load or training starts."""
-    config.student.check_against(model_config.num_hidden_layers)
+    try:
+        family_layer_map(model_config.model_type)
+    except ValueError as error:
+        raise ConfigError(f"teacher {config.teacher.model}: {error}") from None
+    config.student.check_against(model_config)
     limit = position_limit(model_config)
     if limit is not None and config.task.max_seq_length > limit:
         raise ConfigError(

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .architectures import sync_head_counts
 from .artifact import SCALE_SUFFIX
 from .cpu import cpu_flags
 from .errors import ArtifactError
@@ -29,7 +30,8 @@ def build_model(artifact: Artifact, dtype: torch.dtype = torch.float32, attentio
     `attention` is a transformers attn_implementation: "sdpa", or one of fast_attention()'s."""
     model = _model_from_config(artifact, attention)
     state = dequantized_state_dict(artifact.state_dict(), artifact.quantized_modules)
-    resize_linears(model, state)
+    if resize_linears(model, state):
+        sync_head_counts(model)
     _load_strict(model, state, artifact)
     return model.to(dtype).eval()
 
@@ -41,7 +43,16 @@ def _model_from_config(artifact: Artifact, attention: str) -> nn.Module:
         _register_fast_attention()
     config = transformers.AutoConfig.for_model(**artifact.model_config)
     auto_class = getattr(transformers, _AUTO_CLASSES[artifact.head])
-    return auto_class.from_config(config, attn_implementation=attention)
+    model_class = auto_class._model_mapping[type(config)]
+    return auto_class.from_config(config, attn_implementation=supported_attention(model_class, attention))
+
+
+def supported_attention(model_class: type, wanted: str) -> str:
+    """`wanted` where the model class can run it, else "eager": DeBERTa computes its disentangled
+    attention itself and takes neither sdpa nor an attention function registered with transformers."""
+    if wanted == "sdpa":
+        return wanted if model_class._supports_sdpa else "eager"
+    return wanted if wanted == "eager" or model_class._supports_attention_backend else "eager"
 
 
 # ------------------------------------------------------------------------------------------- attention
@@ -115,8 +126,10 @@ def dequantized_state_dict(state: dict[str, torch.Tensor], modules: list[str]) -
     return out
 
 
-def resize_linears(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Rebuild each nn.Linear whose saved weight is smaller (structured pruning removed heads/neurons)."""
+def resize_linears(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """Rebuild each nn.Linear whose saved weight is smaller (structured pruning removed heads/neurons);
+    say whether any was."""
+    resized = False
     for name, module in list(model.named_modules()):
         weight = state.get(f"{name}.weight")
         if not isinstance(module, nn.Linear) or weight is None or weight.shape == module.weight.shape:
@@ -125,6 +138,8 @@ def resize_linears(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         replacement = nn.Linear(in_features, out_features, bias=module.bias is not None)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, replacement)
+        resized = True
+    return resized
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], artifact: Artifact) -> None:

@@ -14,7 +14,6 @@ import torch
 from conftest import tiny_bert_config, tiny_bert_model, tiny_squad_task
 from transformers import BertForQuestionAnswering
 
-from fastcpu.architectures import encoder_linears
 from fastcpu.methods import Method
 from fastcpu.pruning import (
     MagnitudePruning,
@@ -30,6 +29,7 @@ from fastcpu.pruning import (
 )
 from fastcpu.quantization import SCHEMES, make_quantizer
 from fastcpu.training import TrainingConfig, train
+from fastcpu_runtime.architectures import encoder_linears
 
 
 def test_cubic_schedule_values():

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..architectures import layer_map, layers_prefix, transformer_layers
+from fastcpu_runtime.architectures import ffn_width, layer_map, layers_prefix, transformer_layers
+
 from ..config import Registry, check_range
 from ..methods import Method
 
@@ -84,14 +85,6 @@ def make_pruner(config, total_steps: int) -> Pruner:
     return PRUNERS.create(config, total_steps=total_steps)
 
 
-def ffn_width(config) -> int:
-    """The FFN's inner width; DistilBERT calls it `hidden_dim`, the BERT family `intermediate_size`."""
-    width = getattr(config, "intermediate_size", None) or getattr(config, "hidden_dim", None)
-    if width is None:
-        raise ValueError(f"{type(config).__name__} names no FFN width (intermediate_size or hidden_dim)")
-    return width
-
-
 def sparsity_report(model: nn.Module) -> dict:
     """Zero fraction of every encoder Linear weight and overall, against the dense layer sizes.
 
@@ -100,8 +93,8 @@ def sparsity_report(model: nn.Module) -> dict:
     """
     config, lmap = model.config, layer_map(model)
     square, wide = config.hidden_size**2, config.hidden_size * ffn_width(config)
-    dense_sizes = {**dict.fromkeys([*lmap.attention_in, lmap.attention_out], square), lmap.ffn_in: wide}
-    dense_sizes[lmap.ffn_out] = wide
+    dense_sizes = dict.fromkeys(lmap.attention_in, square * lmap.qkv_blocks)
+    dense_sizes |= {lmap.attention_out: square, lmap.ffn_in: wide * lmap.ffn_in_blocks, lmap.ffn_out: wide}
     prefix = layers_prefix(model)
     per_layer, zeros_total, dense_total = {}, 0, 0
     for index, layer in enumerate(transformer_layers(model)):

@@ -11,7 +11,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..architectures import encoder_linears
+from fastcpu_runtime.architectures import encoder_linears
+
 from ..config import check_range
 from .base import Pruner, Schedule
 

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ..architectures import layer_map, layers_prefix, transformer_layers
+from fastcpu_runtime.architectures import layer_map, layers_prefix, transformer_layers
+
 from ..config import ConfigError, check_range
 from .base import PRUNERS
 from .masks import BLOCK, MaskPruner, UnitPruning, expand_units, magnitude_mask, unit_view

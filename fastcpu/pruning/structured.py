@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..architectures import head_dim, layer_map, transformer_layers
+from fastcpu_runtime.architectures import head_dim, layer_map, sync_head_counts, transformer_layers
+
 from ..config import check_range
 from .base import PRUNERS, Pruner, Schedule
 
@@ -44,7 +45,7 @@ class StructuredPruner(Pruner):
         self.head_dim = head_dim(model)
         self.layers = list(transformer_layers(model))
         self.head_keep = [torch.ones(self._n_heads(layer), dtype=torch.bool) for layer in self.layers]
-        self.ffn_keep = [torch.ones(self._ffn(layer).out_features, dtype=torch.bool) for layer in self.layers]
+        self.ffn_keep = [torch.ones(self._ffn_width(layer), dtype=torch.bool) for layer in self.layers]
 
     def _attention(self, layer: nn.Module) -> tuple[list[nn.Linear], nn.Linear]:
         return [layer.get_submodule(p) for p in self.map.attention_in], layer.get_submodule(
@@ -54,18 +55,36 @@ class StructuredPruner(Pruner):
     def _ffn(self, layer: nn.Module) -> nn.Linear:
         return layer.get_submodule(self.map.ffn_in)
 
+    def _ffn_width(self, layer: nn.Module) -> int:
+        return self._ffn(layer).out_features // self.map.ffn_in_blocks
+
     def _n_heads(self, layer: nn.Module) -> int:
         return self._attention(layer)[1].in_features // self.head_dim
 
     def _head_scores(self, layer: nn.Module) -> torch.Tensor:
+        """L2 norm of each head's rows in q, k and v (one fused Linear or three) and columns in the output."""
         inputs, output = self._attention(layer)
-        rows = sum(_squares(m).view(-1, self.head_dim, m.in_features).sum((1, 2)) for m in inputs)
+        blocks = self.map.qkv_blocks
+        rows = sum(_squares(m).view(blocks, -1, self.head_dim, m.in_features).sum((0, 2, 3)) for m in inputs)
         cols = _squares(output).view(output.out_features, -1, self.head_dim).sum((0, 2))
         return (rows + cols).sqrt().cpu()
 
     def _ffn_scores(self, layer: nn.Module) -> torch.Tensor:
+        """L2 norm of each neuron's rows in ffn_in (both halves when gated) and column in ffn_out."""
         ffn_in, ffn_out = self._ffn(layer), layer.get_submodule(self.map.ffn_out)
-        return (_squares(ffn_in).sum(1) + _squares(ffn_out).sum(0)).sqrt().cpu()
+        rows = _squares(ffn_in).view(self.map.ffn_in_blocks, -1, ffn_in.in_features).sum((0, 2))
+        return (rows + _squares(ffn_out).sum(0)).sqrt().cpu()
+
+    def _row_keeps(self, head_keep: torch.Tensor, ffn_keep: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Keep-masks over the rows of each attention_in Linear, of attention_out's columns, of ffn_in's
+        rows and of ffn_out's columns."""
+        channels = head_keep.repeat_interleave(self.head_dim)
+        return (
+            channels.repeat(self.map.qkv_blocks),
+            channels,
+            ffn_keep.repeat(self.map.ffn_in_blocks),
+            ffn_keep,
+        )
 
     def before_step(self, step: int) -> None:
         if self.config.update_due(step, self.total_steps):
@@ -84,13 +103,13 @@ class StructuredPruner(Pruner):
     @torch.no_grad()
     def apply_masks(self) -> None:
         for layer, head_keep, ffn_keep in zip(self.layers, self.head_keep, self.ffn_keep, strict=True):
-            channel_keep = head_keep.repeat_interleave(self.head_dim)
+            qkv_rows, channels, ffn_rows, ffn_cols = self._row_keeps(head_keep, ffn_keep)
             inputs, output = self._attention(layer)
             for module in inputs:
-                _mask_rows(module, channel_keep)
-            _mask_cols(output, channel_keep)
-            _mask_rows(self._ffn(layer), ffn_keep)
-            _mask_cols(layer.get_submodule(self.map.ffn_out), ffn_keep)
+                _mask_rows(module, qkv_rows)
+            _mask_cols(output, channels)
+            _mask_rows(self._ffn(layer), ffn_rows)
+            _mask_cols(layer.get_submodule(self.map.ffn_out), ffn_cols)
 
     def after_optimizer_step(self, step: int) -> None:
         self.apply_masks()
@@ -99,14 +118,15 @@ class StructuredPruner(Pruner):
         self.update_masks(self.config.steps(self.total_steps)[1])
         kept_heads, kept_ffn = [], []
         for layer, head_keep, ffn_keep in zip(self.layers, self.head_keep, self.ffn_keep, strict=True):
-            channel_keep = head_keep.repeat_interleave(self.head_dim)
+            qkv_rows, channels, ffn_rows, ffn_cols = self._row_keeps(head_keep, ffn_keep)
             for path in self.map.attention_in:
-                _replace_linear(layer, path, rows=channel_keep)
-            _replace_linear(layer, self.map.attention_out, cols=channel_keep)
-            _replace_linear(layer, self.map.ffn_in, rows=ffn_keep)
-            _replace_linear(layer, self.map.ffn_out, cols=ffn_keep)
+                _replace_linear(layer, path, rows=qkv_rows)
+            _replace_linear(layer, self.map.attention_out, cols=channels)
+            _replace_linear(layer, self.map.ffn_in, rows=ffn_rows)
+            _replace_linear(layer, self.map.ffn_out, cols=ffn_cols)
             kept_heads.append(int(head_keep.sum()))
             kept_ffn.append(int(ffn_keep.sum()))
+        sync_head_counts(model)
         return {"method": "structured", "heads_per_layer": kept_heads, "ffn_per_layer": kept_ffn}
 
 

@@ -1,0 +1,113 @@
+"""Every encoder family a user brings, end to end through the real command: a tiny random model of each
+family with a tokenizer of its kind (tests/families.py), fine-tuned as the teacher, distilled into a
+2-layer student, pruned, int8-quantized, exported, measured on the runtime, and answered by the
+deploy-side pipeline exactly as the trial scored it; then the artifact on every backend that runs here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURES, MINILM
+from families import FAMILIES, save_tiny_family_model
+from test_trial_e2e import TINY_TRIAL, assert_scores_are_the_predictions, run_fastcpu
+
+import fastcpu_runtime as rt
+from fastcpu.tasks.sst2 import parse_tsv
+from fastcpu_runtime.architectures import LAYER_MAPS
+from fastcpu_runtime.compare import accuracy_inputs, eager_reference, logits_cosine, run_rows
+
+STUDENT = ["student.layers=[0,2]", "tracking=off"]  # ModernBERT's layer 0 is special: keep it
+# A random tiny teacher cannot generalise from 18 questions to a new article, and a teacher scoring 0 is
+# refused: it trains on every article, the evaluation one included, long enough to learn that one.
+MEMORIZING_TEACHER = ["teacher.training.max_steps=150", "teacher.training.learning_rate=2e-3"]
+SST2_TRIAL = [
+    "+experiment=sst2",
+    "~search",
+    f"task.train_file={FIXTURES / 'sst2_tiny_train.tsv'}",
+    f"task.eval_file={FIXTURES / 'sst2_tiny.tsv'}",
+    "task.max_seq_length=48",
+    "teacher.training.max_steps=30",
+    "teacher.training.learning_rate=5e-4",
+    "training.max_steps=6",
+    "pruning=structured",  # heads and FFN neurons cut out: each family's compaction, rebuilt by the runtime
+    "pruning.frequency=1",
+    "quantization.calibration_samples=8",
+    "runtime=eager",  # the compiled backends run the artifact below, in this process
+    "runtime.batch_size=8",
+    "runtime.warmup=1",
+    "runtime.rounds=2",
+    "runtime.iterations=2",
+]
+
+
+def test_every_family_has_a_layer_map():
+    assert set(FAMILIES) == set(LAYER_MAPS)
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {family: save_tiny_family_model(family, root / family, MINILM) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def squad_files(tmp_path_factory) -> list[str]:
+    """Overrides for training on all 4 fixture articles and evaluating on the last one."""
+    root = tmp_path_factory.mktemp("squad")
+    data = json.loads((FIXTURES / "squad_tiny.json").read_text())
+    (root / "train.json").write_text(json.dumps(data))
+    (root / "eval.json").write_text(json.dumps(data | {"data": data["data"][3:]}))
+    files = [f"task.train_file={root / 'train.json'}", f"task.eval_file={root / 'eval.json'}"]
+    return [*files, "task.holdout_every=null", "task.holdout_offset=0"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_question_answering_trial_on_each_family(family, family_dirs, squad_files, tmp_path):
+    """4x1 pruning to 80% with reconstruction and TinyBERT distillation (the experiment's recipe),
+    measured on the backend `auto` picks."""
+    teacher = [*MEMORIZING_TEACHER, f"teacher.model={family_dirs[family]}"]
+    done = run_fastcpu(tmp_path, [*TINY_TRIAL, *squad_files, *STUDENT, *teacher], "qa")
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = tmp_path / "qa"
+    result = json.loads((out / "result.json").read_text())
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert_scores_are_the_predictions(result, predictions)
+    assert result["sparsity"] == pytest.approx(0.8, abs=0.02)
+    assert len(result["sparsity_per_layer"]) == 2 * len(LAYER_MAPS[family].stages[0]) + 6
+    article = json.loads((FIXTURES / "squad_tiny.json").read_text())["data"][3]
+    rows = [(qa["id"], qa["question"], p["context"]) for p in article["paragraphs"] for qa in p["qas"]]
+    pipeline = rt.load_pipeline(out / "artifact", batch_size=4)
+    answers = pipeline([question for _, question, _ in rows], [context for *_, context in rows])
+    assert {qid: answer.answer for (qid, _, _), answer in zip(rows, answers, strict=True)} == predictions
+    assert_backends_follow_eager(rt.load_artifact(out / "artifact"), measured_on=result["backend"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_classification_trial_on_each_family(family, family_dirs, tmp_path):
+    """Structured pruning: the student's heads and FFN neurons are cut out of its weights."""
+    done = run_fastcpu(tmp_path, [*SST2_TRIAL, *STUDENT, f"teacher.model={family_dirs[family]}"], "sst2")
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = tmp_path / "sst2"
+    result = json.loads((out / "result.json").read_text())
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert result["teacher_accuracy"] > 0
+    pruning = json.loads((out / "artifact" / "manifest.json").read_text())["sparsity"]
+    assert pruning["heads_per_layer"] == [3, 3] and pruning["ffn_per_layer"] == [64, 64]
+    pipeline = rt.load_pipeline(out / "artifact", batch_size=8)
+    names = {name: index for index, name in pipeline.labels.items()}
+    texts = [example.text for example in parse_tsv(str(FIXTURES / "sst2_tiny.tsv"), "sentence", "label")]
+    assert [names[label.label] for label in pipeline(texts)] == [predictions[str(i)] for i in range(40)]
+    assert_backends_follow_eager(rt.load_artifact(out / "artifact"), measured_on="eager")
+
+
+def assert_backends_follow_eager(artifact: rt.Artifact, measured_on: str) -> None:
+    """Each other backend that runs on this machine gives the eager fp32 logits of the same int8
+    weights (the trial itself measured the artifact on `measured_on`)."""
+    inputs = accuracy_inputs(artifact, seq_len=48)
+    reference = eager_reference(artifact, inputs)
+    for backend in sorted(set(rt.available_backends()) - {"eager", measured_on}):
+        session = rt.create_session(artifact, backend, batch_size=4, seq_len=48)
+        real_tokens = inputs["input_ids"] != artifact.pad_token_id
+        assert logits_cosine(run_rows(session, inputs), reference, real_tokens) > 0.99, backend
