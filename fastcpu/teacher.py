@@ -113,7 +113,8 @@ def weights_digest(model: nn.Module) -> str:
 def model_fingerprint(model: nn.Module, tokenizer: Any) -> dict[str, Any]:
     """What decides a tuned teacher besides its weights: the architecture (two families can share
     identical weights) and the tokenization (the same text gives other features)."""
-    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    volatile = ("_name_or_path", "transformers_version")
+    config = {key: value for key, value in model.config.to_dict().items() if key not in volatile}
     tokenization = json.dumps([tokenizer.backend_tokenizer.to_str(), list(tokenizer.model_input_names)])
     return {"config": _digest(config), "tokenizer": hashlib.sha256(tokenization.encode()).hexdigest()}
 
