@@ -133,10 +133,15 @@ def tiny_family_config(family: str, tokenizer) -> PretrainedConfig:
     return AutoConfig.for_model(family, vocab_size=len(tokenizer), **settings)
 
 
-def save_tiny_family_model(family: str, directory: Path, minilm: Path, seed: int = 0) -> Path:
-    """A headless tiny model of `family` with its tokenizer, saved as a user's local checkpoint."""
+def save_tiny_family_model(
+    family: str, directory: Path, minilm: Path, auto_class: type = AutoModel, seed: int = 0, **settings
+) -> Path:
+    """A tiny model of `family` (headless by default) with its tokenizer, saved as a user's local
+    checkpoint; `settings` go to its config (e.g. num_labels)."""
     tokenizer = family_tokenizer(family, minilm)
     torch.manual_seed(seed)
-    AutoModel.from_config(tiny_family_config(family, tokenizer)).save_pretrained(directory)
+    config = tiny_family_config(family, tokenizer)
+    config.update(settings)
+    auto_class.from_config(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
