@@ -27,6 +27,7 @@ from fastcpu.pruning import (
     select_units,
     sparsity_report,
 )
+from fastcpu.pruning.masks import unit_view
 from fastcpu.quantization import SCHEMES, make_quantizer
 from fastcpu.training import TrainingConfig, train
 from fastcpu_runtime.architectures import encoder_linears
@@ -248,6 +249,76 @@ class GradientRecorder(Method):
         for name, module in self.linears.items():
             dense = torch.where(self.pruner.masks[name], module.weight, self.pruner.kept_aside[name])
             self.total[name] -= module.weight.grad * dense.detach()
+
+
+class SoftScoreRecorder(Method):
+    """Runs after a soft movement pruner: its initial scores, the straight-through gradient of step 0
+    (grad * W per unit: the masks are all ones then) with the scores Adam made of it, and after every step
+    the fraction of units below the threshold and the sparsity of the model's weights."""
+
+    def __init__(self, pruner) -> None:
+        self.pruner = pruner
+        self.below: list[float] = []
+        self.applied: list[float] = []
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.initial = {name: score.detach().clone() for name, score in self.pruner.scores.items()}
+
+    def after_backward(self, step: int) -> None:
+        if step == 0:
+            pattern = self.pruner.config.pattern
+            linears = self.pruner.linears.items()
+            self.first = {name: unit_view(m.weight.grad * m.weight.detach(), pattern) for name, m in linears}
+            self.after_first = {name: score.detach().clone() for name, score in self.pruner.scores.items()}
+
+    def after_optimizer_step(self, step: int) -> None:
+        self.below.append(self.pruner.below_threshold(list(self.pruner.linears)))
+        self.applied.append(sparsity_report(self.model)["overall"])
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_soft_movement_learns_scores_follows_the_schedule_and_ends_at_the_target(tokenizer, scope):
+    """Soft movement: the scores are stepped by Adam on the straight-through gradient (its first step moves
+    each score by the learning rate against the sign of grad * W); the units below the threshold follow the
+    cubic schedule during training, steered by the penalty; when the masks freeze, top-k over the learned
+    scores sets exactly the target (per Linear, or overall with per-Linear sparsities of its choosing)."""
+    task = tiny_squad_task(max_seq_length=64, doc_stride=16, max_query_length=24)
+    features = task.train_features(tokenizer, list(tokenizer.model_input_names))
+    model = tiny_bert_model(BertForQuestionAnswering)
+    steps, target = 30, 0.8
+    config = MovementPruning(sparsity=target, scope=scope, variant="soft", end=0.7, frequency=1)
+    pruner = make_pruner(config, steps)
+    recorder = SoftScoreRecorder(pruner)
+    training = TrainingConfig(max_steps=steps, batch_size=4, learning_rate=1e-3, precision="fp32")
+    train(model, task, features, training, seed=0, methods=[pruner, recorder])
+
+    lr = config.score_learning_rate
+    for name, first in recorder.first.items():
+        expected = recorder.initial[name] - lr * first / (first.abs() + 1e-8)
+        torch.testing.assert_close(recorder.after_first[name], expected, rtol=0, atol=1e-6)
+    end = config.steps(steps)[1]  # 21: the masks freeze there
+    schedule = [config.sparsity_at(step, steps, target) for step in range(end)]
+    assert recorder.below[0] == 0.0 and max(recorder.below[:end]) > 0.6
+    for step in range(4, end):  # at most 4 steps behind the schedule, never ahead of it by much
+        assert schedule[step - 4] - 0.02 <= recorder.below[step] <= schedule[step] + 0.05, step
+    assert recorder.applied[end - 1] == pytest.approx(recorder.below[end - 2], abs=0.01)  # a step later
+    assert recorder.applied[end:] == pytest.approx([target] * (steps - end), abs=0.002)
+
+    record = pruner.finalize(model)
+    assert record["variant"] == "soft" and abs(record["threshold_sparsity"] - target) < 0.1
+    units = {name: unit_view(mask.float(), "4x1") for name, mask in pruner.masks.items()}
+    kept = {name: unit > 0 for name, unit in units.items()}
+    scores = {name: score.detach() for name, score in pruner.scores.items()}
+    if scope == "layer":
+        assert all((~k).float().mean().item() == pytest.approx(target, abs=0.01) for k in kept.values())
+        assert all(scores[n][kept[n]].min() >= scores[n][~kept[n]].max() for n in kept)
+    else:
+        every = torch.cat([k.flatten() for k in kept.values()])
+        assert int((~every).sum()) == round(target * every.numel())
+        assert len({round(s, 3) for s in record["per_layer"].values()}) > 1
+        lowest_kept = min(scores[n][kept[n]].min() for n in kept)
+        assert all(scores[n][~kept[n]].max() <= lowest_kept for n in kept)
 
 
 @pytest.mark.parametrize("pattern", ["4x1", "unstructured"])

@@ -2,7 +2,8 @@
 
 - `none` (base.py): the student stays dense;
 - `magnitude` (magnitude.py): gradual pruning of single weights or 4x1 blocks by their magnitude;
-- `movement` (movement.py): the same schedule, units scored by how training moves them (Sanh et al.);
+- `movement` (movement.py): the same schedule, units scored by how training moves them (Sanh et al.):
+  accumulated scores and top-k (`hard`) or learned scores over a threshold (`soft`);
 - `reconstruct` (reconstruct.py): one step, the kept weights solved to reproduce each Linear's outputs;
 - `structured` (structured.py): whole heads and FFN neurons, cut out of the weights at export.
 
@@ -13,7 +14,7 @@ plus its YAML file in `conf/pruning/`.
 from .base import PRUNERS, NoPruning, Pruner, Schedule, make_pruner, sparsity_report
 from .magnitude import MagnitudePruner, MagnitudePruning
 from .masks import BLOCK, MaskPruner, UnitPruning, magnitude_mask, select_units
-from .movement import MovementPruner, MovementPruning
+from .movement import MovementPruner, MovementPruning, SoftMovementPruner
 from .reconstruct import ReconstructPruner, ReconstructPruning, reconstruct
 from .structured import StructuredPruner, StructuredPruning
 
@@ -28,6 +29,7 @@ __all__ = [
     "NoPruning",
     "Pruner",
     "Schedule",
+    "SoftMovementPruner",
     "ReconstructPruner",
     "ReconstructPruning",
     "StructuredPruner",

@@ -91,7 +91,10 @@ class MaskPruner(Pruner):
             self.update_masks(self.config.sparsity_at(step, self.total_steps, self.config.sparsity))
 
     def update_masks(self, sparsity: float) -> None:
-        keep = select_units(self.unit_scores(), sparsity, self.config.scope)
+        self.set_masks(select_units(self.unit_scores(), sparsity, self.config.scope), sparsity)
+
+    def set_masks(self, keep: dict[str, torch.Tensor], sparsity: float) -> None:
+        """Adopt keep-masks over units (`sparsity`: the overall fraction they prune) and zero the rest."""
         self.masks = {name: expand_units(k, self.config.pattern) for name, k in keep.items()}
         self.sparsity = sparsity
         self.apply_masks()
