@@ -28,6 +28,7 @@ from fastcpu.pruning import (
     sparsity_report,
 )
 from fastcpu.pruning.masks import unit_view
+from fastcpu.pruning.reconstruct import lamp_scores
 from fastcpu.quantization import SCHEMES, make_quantizer
 from fastcpu.training import TrainingConfig, train
 from fastcpu_runtime.architectures import encoder_linears
@@ -433,3 +434,33 @@ def test_reconstruction_in_forward_order_beats_solving_each_linear_on_dense_inpu
     assert sparsity_report(in_order)["overall"] == pytest.approx(0.6, abs=0.01)
     print(f"logit error: in order {logit_error(in_order):.3g}, each alone {logit_error(each_alone):.3g}")
     assert logit_error(in_order) < 0.8 * logit_error(each_alone)
+
+
+def test_lamp_scores_rank_within_a_tensor_and_give_its_largest_unit_one():
+    """LAMP (Lee et al., 2021): a unit's saliency over the sum of its own and every larger one's."""
+    scores = lamp_scores(torch.tensor([[3.0, 1.0], [2.0, 0.0]]))
+    torch.testing.assert_close(scores, torch.tensor([[1.0, 1 / 6], [2 / 5, 0.0]]))
+    big = lamp_scores(torch.rand(16, 8) * 1000)  # the scale of a tensor does not matter
+    assert big.max() == 1.0 and (big <= 1.0).all()
+
+
+def test_global_reconstruction_gives_each_linear_its_own_sparsity_and_hits_the_target(tokenizer):
+    """One threshold over the LAMP scores of every unit of every Linear: the per-Linear sparsities differ,
+    no Linear loses all its units, and the model as a whole is at the target."""
+    model = tiny_bert_model(BertForQuestionAnswering).eval()
+    inputs = dict(
+        tokenizer(["a question about pruning"] * 4, ["some context " * 12] * 4, return_tensors="pt")
+    )
+    pruner = make_pruner(ReconstructPruning(sparsity=0.7, pattern="4x1", scope="global"), 10)
+    pruner.prepare(model)
+    pruner.calibration = [inputs]
+    targets = pruner.linear_sparsities(0.7)
+    units = {name: m.weight.numel() // 4 for name, m in pruner.linears.items()}
+    pruned = sum(round(targets[name] * n) for name, n in units.items())
+    assert pruned == round(0.7 * sum(units.values()))
+    assert len({round(t, 3) for t in targets.values()}) > 3 and max(targets.values()) < 1.0
+    pruner.update_masks(0.7)
+    record = pruner.finalize(model)
+    assert record["scope"] == "global"
+    assert record["per_layer"] == pytest.approx(targets, abs=1 / 16)  # each row of units rounds up
+    assert sparsity_report(model)["overall"] == pytest.approx(0.7, abs=0.03)

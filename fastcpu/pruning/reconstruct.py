@@ -34,9 +34,17 @@ from torch.utils.hooks import RemovableHandle
 
 from fastcpu_runtime.architectures import layer_map, layers_prefix, transformer_layers
 
-from ..config import ConfigError, check_range
+from ..config import check_range
 from .base import PRUNERS
-from .masks import BLOCK, MaskPruner, UnitPruning, expand_units, magnitude_mask, unit_view
+from .masks import (
+    BLOCK,
+    MaskPruner,
+    UnitPruning,
+    expand_units,
+    magnitude_mask,
+    select_units,
+    unit_view,
+)
 
 
 @dataclass
@@ -52,10 +60,6 @@ class ReconstructPruning(UnitPruning):
         check_range(f"{key}.damping", self.damping, 0.0, low_open=True)
         check_range(f"{key}.max_batches", self.max_batches, 1)
         check_range(f"{key}.stages", self.stages, 1)
-        if self.scope != "layer":
-            raise ConfigError(
-                f"{key}.scope={self.scope!r}: reconstruct prunes each Linear on its own; allowed: layer"
-            )
 
 
 class _StageDone(Exception):
@@ -127,6 +131,7 @@ class ReconstructPruner(MaskPruner):
         calls = [_first_layer_call(self.model, layers[0], inputs) for inputs in self.calibration]
         pruned_stream = [_hidden_states(call) for call in calls]
         dense_stream = list(pruned_stream)
+        targets = self.linear_sparsities(sparsity)
         prefix, stages = layers_prefix(self.model), layer_map(self.model).stages
         for index, (layer, dense_layer) in enumerate(zip(layers, dense_layers, strict=True)):
             for stage in stages:
@@ -138,7 +143,7 @@ class ReconstructPruner(MaskPruner):
                     self.masks[name] = reconstruct(
                         self.linears[name],
                         hessians[path],
-                        sparsity,
+                        targets[name],
                         self.config.pattern,
                         self.config.damping,
                         cross[path],
@@ -148,6 +153,62 @@ class ReconstructPruner(MaskPruner):
                 _run_layer(dense_layer, h, call) for h, call in zip(dense_stream, calls, strict=True)
             ]
         self.model.train(training)
+
+    def linear_sparsities(self, sparsity: float) -> dict[str, float]:
+        """Each Linear's target: `sparsity` for all (`layer` scope), or (`global`) the share one threshold
+        over the LAMP scores of every unit gives it (Lee et al., 2021: a unit's saliency over the sum of
+        its own and every larger saliency of its Linear), with Wanda's |w|^2 E[x^2] as the saliency: the
+        squared output error its removal costs, made comparable across Linears of different scales."""
+        if self.config.scope == "layer":
+            return dict.fromkeys(self.linears, sparsity)
+        energy = _input_energy(self.model, self.linears, self.calibration)
+        lamp = {
+            name: lamp_scores(
+                unit_view(module.weight.detach().float().pow(2) * energy[name], self.config.pattern)
+            )
+            for name, module in self.linears.items()
+        }
+        keep = select_units(lamp, sparsity, "global")
+        return {name: 1.0 - kept.float().mean().item() for name, kept in keep.items()}
+
+
+def lamp_scores(saliency: torch.Tensor) -> torch.Tensor:
+    """LAMP score of every unit: its saliency over the sum of the saliencies not smaller than its own.
+    A Linear's largest unit scores 1, so no Linear is pruned away entirely."""
+    flat = saliency.flatten()
+    order = flat.argsort()
+    ascending = flat[order]
+    not_smaller = ascending.flip(0).cumsum(0).flip(0)
+    scores = torch.empty_like(flat)
+    scores[order] = ascending / not_smaller.clamp_min(torch.finfo(flat.dtype).tiny)
+    return scores.view_as(saliency)
+
+
+@torch.no_grad()
+def _input_energy(
+    model: nn.Module, linears: dict[str, nn.Linear], calibration: list[dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """E[x_j^2] of every input feature of every Linear over the calibration batches' tokens."""
+    sums: dict[str, torch.Tensor] = {}
+    counts = dict.fromkeys(linears, 0)
+
+    def accumulate(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            sums[name] = sums.get(name, 0.0) + x.pow(2).sum(0)
+            counts[name] += x.shape[0]
+
+        return hook
+
+    hooks = [module.register_forward_pre_hook(accumulate(name)) for name, module in linears.items()]
+    try:
+        for inputs in calibration:
+            with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16):
+                model(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: sums[name] / counts[name] for name in linears}
 
 
 def _first_layer_call(
