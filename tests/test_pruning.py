@@ -254,7 +254,7 @@ class GradientRecorder(Method):
 
 class SoftScoreRecorder(Method):
     """Runs after a soft movement pruner: its initial scores, the straight-through gradient of step 0
-    (grad * W per unit: the masks are all ones then) with the scores Adam made of it, and after every step
+    (grad * W per unit: the masks are all ones then) with the scores stepped from it, and after every step
     the fraction of units below the threshold and the sparsity of the model's weights."""
 
     def __init__(self, pruner) -> None:
@@ -280,10 +280,10 @@ class SoftScoreRecorder(Method):
 
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_soft_movement_learns_scores_follows_the_schedule_and_ends_at_the_target(tokenizer, scope):
-    """Soft movement: the scores are stepped by Adam on the straight-through gradient (its first step moves
-    each score by the learning rate against the sign of grad * W); the units below the threshold follow the
-    cubic schedule during training, steered by the penalty; when the masks freeze, top-k over the learned
-    scores sets exactly the target (per Linear, or overall with per-Linear sparsities of its choosing)."""
+    """Soft movement: the first step moves each score against grad * W in units of its Linear's mean
+    |grad * W| (the penalty is 0 then); the units below the threshold follow the cubic schedule during
+    training, steered by the penalty; when the masks freeze, top-k over the learned scores sets exactly
+    the target (per Linear, or overall with per-Linear sparsities of its choosing)."""
     task = tiny_squad_task(max_seq_length=64, doc_stride=16, max_query_length=24)
     features = task.train_features(tokenizer, list(tokenizer.model_input_names))
     model = tiny_bert_model(BertForQuestionAnswering)
@@ -296,13 +296,16 @@ def test_soft_movement_learns_scores_follows_the_schedule_and_ends_at_the_target
 
     lr = config.score_learning_rate
     for name, first in recorder.first.items():
-        expected = recorder.initial[name] - lr * first / (first.abs() + 1e-8)
-        torch.testing.assert_close(recorder.after_first[name], expected, rtol=0, atol=1e-6)
+        expected = recorder.initial[name] - lr * first / first.abs().mean()
+        torch.testing.assert_close(recorder.after_first[name], expected, rtol=1e-5, atol=1e-7)
     end = config.steps(steps)[1]  # 21: the masks freeze there
     schedule = [config.sparsity_at(step, steps, target) for step in range(end)]
-    assert recorder.below[0] == 0.0 and max(recorder.below[:end]) > 0.6
+    assert recorder.below[0] < 0.05 and max(recorder.below[:end]) > 0.6  # outliers may cross at once
     for step in range(4, end):  # at most 4 steps behind the schedule, never ahead of it by much
-        assert schedule[step - 4] - 0.02 <= recorder.below[step] <= schedule[step] + 0.05, step
+        assert schedule[step - 4] - 0.02 <= recorder.below[step] <= schedule[step] + 0.05, (
+            step,
+            recorder.below,
+        )
     assert recorder.applied[end - 1] == pytest.approx(recorder.below[end - 2], abs=0.01)  # a step later
     assert recorder.applied[end:] == pytest.approx([target] * (steps - end), abs=0.002)
 

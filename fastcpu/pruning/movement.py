@@ -5,11 +5,11 @@ table). Two variants, on the same cubic schedule and frozen-mask phase as magnit
 
 - `hard`: a unit's score is S = -sum over steps of grad * W, accumulated after every backward pass;
   every mask update keeps the top-scoring units at the schedule's sparsity.
-- `soft`: the scores are learned: the pruner's own Adam steps them with the straight-through gradient of
-  the loss (grad * W, summed over the unit) plus a penalty that pulls every score down, and a unit is
-  kept while its score is above 0. The sparsity is what the scores decide, unit by unit and layer by
-  layer; the penalty's weight is steered each step so that it follows the schedule. When the masks
-  freeze, they are set to exactly the target by the same top-k over the learned scores.
+- `soft`: the scores are learned: each step moves them down the straight-through gradient of the loss
+  (grad * W, summed over the unit) plus a penalty that pulls every score down, both in units of the
+  Linear's mean |grad * W|, and a unit is kept while its score is above 0. The sparsity is what the
+  scores decide, unit by unit and layer by layer; the penalty's weight is steered each step so that it
+  follows the schedule. When the masks freeze, top-k over the learned scores sets exactly the target.
 
 Pruned weights keep their last value aside (as the masked dense weights of the paper do): a unit whose
 score climbs back above the threshold returns with it, not from zero.
@@ -33,7 +33,7 @@ from .masks import MaskPruner, UnitPruning, unit_view
 class MovementPruning(UnitPruning):
     name: str = "movement"
     variant: Literal["hard", "soft"] = "hard"  # hard: top-k of accumulated scores; soft: learned scores > 0
-    score_learning_rate: float = 0.01  # soft: the Adam learning rate of the scores
+    score_learning_rate: float = 0.01  # soft: step of the scores per unit of normalized gradient
     penalty_gain: float = 1.0  # soft: how fast the penalty's weight grows per step the sparsity lags
 
     def validate(self, key: str) -> None:
@@ -96,19 +96,16 @@ class SoftMovementPruner(MovementPruner):
     def prepare(self, model: nn.Module) -> None:
         super().prepare(model)
         start, end = self.config.steps(self.total_steps)
-        # A unit whose gradients take no steady sign drifts about lr * sqrt(steps) under Adam; one that
-        # training steadily shrinks moves lr per step: starting this far above 0, only the latter cross.
+        # A unit whose gradients take no steady sign drifts about lr * sqrt(steps); one that training
+        # steadily shrinks moves about lr per step: starting this far above 0, only the latter cross.
         initial = self.config.score_learning_rate * math.sqrt(max(end - start, 1))
         self.scores = {
-            name: torch.full_like(unit_view(s, self.config.pattern), initial).requires_grad_()
+            name: torch.full_like(unit_view(s, self.config.pattern), initial)
             for name, s in self.scores.items()
         }
-        self.score_optimizer = torch.optim.Adam(
-            list(self.scores.values()), lr=self.config.score_learning_rate
-        )
         groups = {"all": list(self.linears)} if self.config.scope == "global" else None
         self.groups = groups or {name: [name] for name in self.linears}
-        self.penalty = dict.fromkeys(self.groups, 0.0)  # in units of the mean |gradient| of each score
+        self.penalty = dict.fromkeys(self.groups, 0.0)  # in units of the Linear's mean |grad * W|
         self.threshold_sparsity = 0.0  # what the learned threshold pruned when the masks froze
 
     @torch.no_grad()
@@ -120,10 +117,10 @@ class SoftMovementPruner(MovementPruner):
                 if self.linears[name].weight.grad is None:
                     continue
                 task = unit_view(self.movement(name), self.config.pattern)
+                task = task / task.abs().mean().clamp_min(torch.finfo(task.dtype).tiny)
                 score = self.scores[name]
                 slope = torch.sigmoid(score) * torch.sigmoid(-score) / 0.25  # d sigmoid(S), 1 at S = 0
-                score.grad = task + self.penalty[group] * task.abs().mean() * slope
-        self.score_optimizer.step()
+                score.sub_(self.config.score_learning_rate * (task + self.penalty[group] * slope))
         target = self.config.sparsity_at(step, self.total_steps, self.config.sparsity)
         for group, names in self.groups.items():
             error = target - self.below_threshold(names)
@@ -135,7 +132,7 @@ class SoftMovementPruner(MovementPruner):
         return pruned / sum(self.scores[name].numel() for name in names)
 
     def unit_scores(self) -> dict[str, torch.Tensor]:
-        return {name: score.detach() for name, score in self.scores.items()}
+        return dict(self.scores)
 
     def update_masks(self, sparsity: float) -> None:
         """In the gradual phase the threshold decides; at the target (the masks freeze), top-k does."""
@@ -143,7 +140,7 @@ class SoftMovementPruner(MovementPruner):
             self.threshold_sparsity = self.below_threshold(list(self.linears))
             super().update_masks(sparsity)
             return
-        keep = {name: score.detach() > 0 for name, score in self.scores.items()}
+        keep = {name: score > 0 for name, score in self.scores.items()}
         self.set_masks(keep, self.below_threshold(list(self.linears)))
 
     def finalize(self, model: nn.Module) -> dict:
