@@ -103,8 +103,10 @@ class SoftMovementPruner(MovementPruner):
             name: torch.full_like(unit_view(s, self.config.pattern), initial)
             for name, s in self.scores.items()
         }
-        groups = {"all": list(self.linears)} if self.config.scope == "global" else None
-        self.groups = groups or {name: [name] for name in self.linears}
+        if self.config.scope == "global":
+            self.groups = {"all": list(self.linears)}
+        else:
+            self.groups = {name: [name] for name in self.linears}
         self.penalty = dict.fromkeys(self.groups, 0.0)  # in units of the Linear's mean |grad * W|
         self.threshold_sparsity = 0.0  # what the learned threshold pruned when the masks froze
 
