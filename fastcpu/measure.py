@@ -23,7 +23,7 @@ MEASURED = ("throughput", "latency_p50_ms", "latency_p90_ms", "model_mb", "artif
 
 @dataclass
 class RuntimeConfig:
-    backend: str = "auto"  # runtime backend; auto: the fastest one for the artifact (rt.pick_backend)
+    backend: str = "auto"  # runtime backend; auto: the faster of the candidates, raced at the trial's shape
     batch_size: int = 8  # evaluation and benchmark batch; the session is compiled (or traced) for this shape
     seq_len: int | None = None  # benchmark sequence length; null: the task's max_seq_length
     threads: int | None = None  # intra-op threads; null: PyTorch's default (all cores)

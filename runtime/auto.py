@@ -1,34 +1,46 @@
-"""The `auto` backend name: pick the fastest backend available for an artifact, from its stored weights.
+"""The `auto` backend name: deploy an artifact on whichever candidate backend runs it fastest here.
 
-Rule: an int8 artifact whose quantized Linears are block-sparse enough (the fraction of all-zero 4x1 blocks,
-4 consecutive output rows x 1 input column, the sparse kernel's unit) runs on `sparse`, unless the CPU has
-AMX int8 (there dense int8 is faster); anything else runs on `native` (PT2E int8, bf16 or fp32 compiled
-by inductor); `eager` where neither is available.
+Candidates: an int8 artifact whose quantized Linears are block-sparse enough to have a chance (the fraction
+of all-zero 4x1 blocks, 4 consecutive output rows x 1 input column, the sparse kernel's unit) races
+`sparse` against `native`; anything else has one candidate, `native` (PT2E int8, bf16 or fp32 compiled by
+inductor), or `eager` where that is unavailable. A race builds every candidate at the session's shape and
+times them in paired, interleaved rounds; the faster median wins. Which one wins depends on the CPU (AMX
+int8 makes dense int8 faster than the VNNI sparse kernels), the thread count and the shape, so the outcome
+is cached beside the artifact (`auto.json`) per machine, shape and thread count, and a later session of
+the same key builds only the winner. A candidate that cannot be built (e.g. the sparse kernel fails to
+compile) drops out of the race, and the reason says why.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import statistics
+import tempfile
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from .artifact import INT8_SCHEMES, WEIGHTS, Artifact
-from .backends import available_backends
-from .cpu import cpu_flags
+from .backends import Runner, available_backends, build_runner
+from .cpu import cpu_flags, cpu_model
+from .errors import BackendError
+from .inputs import synthetic_batch
 
 AUTO = "auto"
-# The 4x1 block sparsity from which the block-sparse int8 kernel (sparse) beats dense int8 (native) on a
-# whole model; export stores the packed weights from the same value. Measured with
-# `python -m fastcpu_runtime.compare --backends native sparse` (docs/benchmarks.md; 2 cores, seq 128,
-# batch 1 / 8): DistilBERT shape 0.99x / 0.95x at 50%, 1.11x / 1.15x at 60%, 1.24x / 1.38x at 70%;
-# MiniLM-L6 shape 1.05x / 1.04x at 50%, 1.21x / 0.92x at 60%, 1.11x / 1.06x at 70%.
-SPARSE_MIN_BLOCK_SPARSITY = 0.6
-# The sparse kernels use AVX-512 VNNI. On a CPU with AMX int8 (Intel Sapphire Rapids and later), native's
-# dense int8 runs on oneDNN's AMX tiles and is the faster: MiniLM-L6 shape, batch 8, seq 192, 2 threads,
-# native 197 and 200 against sparse 123 and 117 samples/s at 80% 4x1, two interleaved pairs (2026-11-30,
-# with BF16_SDPA attention in both).
-_DENSE_WINS_WITH = "amx_int8"
+# The 4x1 block sparsity from which `sparse` enters the race, and from which export stores the packed
+# weights. Below it the sparse kernel never beat dense int8 on a whole model (2 cores, seq 128, batch 1 /
+# 8, `python -m fastcpu_runtime.compare --backends native sparse`, docs/benchmarks.md): DistilBERT shape
+# 0.99x / 0.95x at 50%, 1.11x / 1.15x at 60%; MiniLM-L6 shape 1.05x / 1.04x at 50%, 1.21x / 0.92x at 60%.
+SPARSE_MIN_BLOCK_SPARSITY = 0.5
+CHOICES = "auto.json"  # beside the artifact's files; not in its manifest, so it never breaks a checksum
+RACE_ROUNDS = 5  # paired rounds; each times every candidate once, in alternating order
+RACE_CALLS = 2  # calls per candidate per round, after one untimed call
 _BLOCK = 4
 _PREFIX = f"{AUTO} -> "
 
@@ -61,39 +73,144 @@ def int8_block_sparsity(artifact: Artifact) -> float | None:
         return block_sparsity(weights.get_tensor(f"{name}.weight") for name in artifact.quantized_modules)
 
 
-def sparse_pays_off() -> bool:
-    """Whether this CPU runs a block-sparse int8 model faster on the sparse kernels than dense on native."""
-    return _DENSE_WINS_WITH not in cpu_flags()
-
-
-def pick_backend(artifact: Artifact) -> tuple[str, str]:
-    """(backend name, one-line reason) that `auto` resolves to for this artifact on this machine."""
+def candidate_backends(artifact: Artifact) -> tuple[list[str], str]:
+    """(the backends `auto` races for this artifact on this machine, fastest-guess first; why those)."""
     available = available_backends()
-    scheme = artifact.scheme
-    if scheme in INT8_SCHEMES:
-        sparsity = int8_block_sparsity(artifact)
-        if sparsity is None:
-            fast, reason = None, f"{scheme} artifact lists no quantized Linears"
-        else:
-            enough = sparsity >= SPARSE_MIN_BLOCK_SPARSITY
-            relation = ">=" if enough else "<"
-            measured = f"4x1 block sparsity {sparsity:.2f} of the int8 Linears"
-            reason = f"{measured} {relation} {SPARSE_MIN_BLOCK_SPARSITY:.2f}"
-            fast = "sparse" if enough else None
-            if enough and fast not in available:
-                fast, reason = None, f"{reason}, but the sparse backend is not available here"
-            elif enough and not sparse_pays_off():
-                fast, reason = (
-                    None,
-                    f"{reason}, but this CPU has AMX int8, where dense int8 beats the sparse kernels",
-                )
-    else:
-        fast, reason = None, f"scheme {scheme} is not int8, so the sparse kernel does not apply"
-    if fast is not None:
-        return fast, reason
-    if "native" in available:
-        return "native", reason
-    return "eager", f"{reason}, and the native backend is not available here (it needs a C++ compiler)"
+    dense = ["native"] if "native" in available else ["eager"]
+    if artifact.scheme not in INT8_SCHEMES:
+        return dense, f"scheme {artifact.scheme} is not int8, so the sparse kernel does not apply"
+    sparsity = int8_block_sparsity(artifact)
+    if sparsity is None:
+        return dense, f"{artifact.scheme} artifact lists no quantized Linears"
+    measured = f"4x1 block sparsity {sparsity:.2f} of the int8 Linears"
+    if sparsity < SPARSE_MIN_BLOCK_SPARSITY:
+        return dense, f"{measured} < {SPARSE_MIN_BLOCK_SPARSITY:.2f}"
+    if "sparse" not in available:
+        return dense, f"{measured}, but the sparse backend is not available here"
+    return ["sparse", *dense], measured
+
+
+def pick_backend(artifact: Artifact, batch_size: int, seq_len: int) -> tuple[str, Runner, str]:
+    """(backend name, its runner built for [batch_size, seq_len], one-line reason) that `auto` chooses."""
+    candidates, reason = candidate_backends(artifact)
+    if len(candidates) == 1:
+        return candidates[0], build_runner(candidates[0], artifact, batch_size, seq_len), reason
+    key = _choice_key(candidates, batch_size, seq_len)
+    cached = _read_choices(artifact).get(key)
+    if cached is not None and cached["backend"] in candidates:
+        name = cached["backend"]
+        runner = build_runner(name, artifact, batch_size, seq_len)
+        return name, runner, f"{reason}, {cached['verdict']} (cached)"
+    runners, failures = {}, []
+    for name in candidates:
+        try:
+            runners[name] = _build_and_call(name, artifact, batch_size, seq_len)
+        except (BackendError, RuntimeError, OSError) as err:  # e.g. the kernel's C++ build failed
+            failures.append(f"{name} failed to build ({type(err).__name__}: {_first_line(err)})")
+    if not runners:
+        raise BackendError(
+            f"auto: no candidate backend could be built for {artifact.path}: {', '.join(failures)}"
+        )
+    if len(runners) == 1:
+        name = next(iter(runners))
+        return name, runners[name], ", ".join([reason, *failures, f"so {name}"])
+    name, verdict = race(runners, artifact, batch_size, seq_len)
+    _write_choice(artifact, key, {"backend": name, "verdict": verdict})
+    return name, runners[name], f"{reason}, {verdict}"
+
+
+@dataclass(frozen=True)
+class Speed:
+    median: float  # samples/s, median over rounds
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{self.median:.1f} ({self.low:.1f}-{self.high:.1f})"
+
+
+def race(runners: dict[str, Runner], artifact: Artifact, batch_size: int, seq_len: int) -> tuple[str, str]:
+    """(the fastest runner's name, a verdict giving every candidate's samples/s with its spread)."""
+    batch = synthetic_batch(artifact.input_names, batch_size, seq_len, artifact.vocab_size)
+    args = tuple(batch[name] for name in artifact.input_names)
+    names = list(runners)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    with torch.inference_mode():
+        for name in names:
+            runners[name].fn(*args)  # untimed: the session's first call already ran, this evens caches
+        for index in range(RACE_ROUNDS):
+            for name in names if index % 2 == 0 else reversed(names):
+                start = time.perf_counter()
+                for _ in range(RACE_CALLS):
+                    runners[name].fn(*args)
+                seconds[name].append(time.perf_counter() - start)
+    speeds = {name: _speed(times, batch_size * RACE_CALLS) for name, times in seconds.items()}
+    winner = max(names, key=lambda name: speeds[name].median)
+    timed = " vs ".join(f"{name} {speeds[name]}" for name in sorted(names, key=lambda n: -speeds[n].median))
+    threads = torch.get_num_threads()
+    shape = f"batch {batch_size} x seq {seq_len}, {threads} threads, {RACE_ROUNDS} paired rounds"
+    return winner, f"measured {timed} samples/s at {shape}"
+
+
+def _speed(round_seconds: list[float], samples_per_round: int) -> Speed:
+    rates = [samples_per_round / s for s in round_seconds]
+    return Speed(statistics.median(rates), min(rates), max(rates))
+
+
+def _build_and_call(name: str, artifact: Artifact, batch_size: int, seq_len: int) -> Runner:
+    """Build the runner and make its first call, where the compiled backends compile (and can fail)."""
+    runner = build_runner(name, artifact, batch_size, seq_len)
+    batch = synthetic_batch(artifact.input_names, batch_size, seq_len, artifact.vocab_size)
+    with torch.inference_mode():
+        runner.fn(*(batch[input_name] for input_name in artifact.input_names))
+    return runner
+
+
+def _first_line(err: BaseException) -> str:
+    """The error's first line, short and without "; " (which separates a description's parts)."""
+    return (str(err).strip().splitlines() or [""])[0][:200].replace("; ", ", ")
+
+
+def _choice_key(candidates: list[str], batch_size: int, seq_len: int) -> str:
+    """What decides a race: the machine, the software, the threads, the shape and who runs."""
+    flags = ",".join(sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx_vnni"))))
+    parts = [cpu_model(), flags, f"torch {torch.__version__}", f"threads {torch.get_num_threads()}"]
+    parts += [f"batch {batch_size}", f"seq {seq_len}", "candidates " + ",".join(sorted(candidates))]
+    return " | ".join(parts)
+
+
+def _read_choices(artifact: Artifact) -> dict[str, Any]:
+    """The artifact's recorded races, if they belong to these weights (a stale or unreadable file is
+    ignored: the race simply runs again)."""
+    file = artifact.path / CHOICES
+    try:
+        stored = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(stored, dict) or stored.get("weights_sha256") != _weights_sha256(artifact):
+        return {}
+    choices = stored.get("choices")
+    return choices if isinstance(choices, dict) else {}
+
+
+def _write_choice(artifact: Artifact, key: str, choice: dict[str, str]) -> None:
+    """Record a race's outcome atomically; a read-only artifact (e.g. inside a served model) is left alone."""
+    choices = {**_read_choices(artifact), key: choice}
+    data = {"weights_sha256": _weights_sha256(artifact), "choices": choices}
+    staged: Path | None = None
+    try:
+        with tempfile.NamedTemporaryFile("w", dir=artifact.path, suffix=".tmp", delete=False) as fh:
+            staged = Path(fh.name)
+            json.dump(data, fh, indent=1)
+        os.replace(staged, artifact.path / CHOICES)
+    except OSError:
+        if staged is not None:
+            staged.unlink(missing_ok=True)
+
+
+def _weights_sha256(artifact: Artifact) -> str | None:
+    files = artifact.manifest.get("files") or {}
+    return files.get(WEIGHTS)
 
 
 def describe_auto(name: str, reason: str, description: str) -> str:

@@ -10,7 +10,7 @@ import torch
 
 from .artifact import Artifact, load_artifact
 from .auto import AUTO, describe_auto, pick_backend
-from .backends import Runner, get_backend
+from .backends import Runner, build_runner
 from .inputs import as_batch, pad_batch, synthetic_batch
 
 _TOKEN_LEVEL_HEADS = ("question_answering", "token_classification")
@@ -70,22 +70,18 @@ def create_session(
 ) -> Session:
     """Prepare `backend` for the artifact at a fixed shape; compilation and the first call happen here.
 
-    `auto` picks the backend from the artifact (`pick_backend`); the session then carries the chosen
-    name, and its description says that auto chose it and why."""
+    `auto` races the candidate backends at this shape (`pick_backend`); the session then carries the
+    winner's name, and its description says that auto chose it and why."""
     if not isinstance(artifact, Artifact):
         artifact = load_artifact(artifact)
     _check_shape(artifact, batch_size, seq_len)
-    reason = None
-    if backend == AUTO:
-        backend, reason = pick_backend(artifact)
-    factory = get_backend(backend)
     if threads is not None:
         torch.set_num_threads(threads)
-    runner = factory(artifact, batch_size, seq_len)
-    if not isinstance(runner, Runner):
-        runner = Runner(runner, backend)
-    if reason is not None:
+    if backend == AUTO:
+        backend, runner, reason = pick_backend(artifact, batch_size, seq_len)
         runner = Runner(runner.fn, describe_auto(backend, reason, runner.description))
+    else:
+        runner = build_runner(backend, artifact, batch_size, seq_len)
     session = Session(artifact, backend, runner, batch_size, seq_len)
     session.run(synthetic_batch(artifact.input_names, batch_size, seq_len, artifact.vocab_size))
     return session

@@ -1,23 +1,28 @@
-"""The `auto` backend: pick_backend on real synthetic artifacts (cheap: it reads only the int8 weights), and
-one session created with the default backend end to end."""
+"""The `auto` backend: its candidates on real synthetic artifacts (cheap: it reads only the int8 weights),
+the timed race between sparse and native, the race's cache beside the artifact, and the fallback when a
+candidate cannot be built."""
 
+import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from runtime_helpers import BATCH, SEQ, logits_cosine
 
-from fastcpu_runtime import AUTO, auto, available_backends, create_session, load_artifact, pick_backend
+from fastcpu_runtime import AUTO, BackendError, auto, available_backends, create_session, load_artifact
 from fastcpu_runtime.auto import (
+    CHOICES,
     SPARSE_MIN_BLOCK_SPARSITY,
     block_sparsity_4x1,
+    candidate_backends,
     int8_block_sparsity,
-    sparse_pays_off,
 )
 from fastcpu_runtime.synthetic import synthetic_model, write_synthetic_artifact
 
-# sparse needs x86 and a C++ compiler, and auto prefers native's dense int8 on a CPU with AMX int8
-SPARSE = "sparse" if "sparse" in available_backends() and sparse_pays_off() else "native"
+HAS_SPARSE = "sparse" in available_backends()  # sparse needs x86 and a C++ compiler
+needs_sparse = pytest.mark.skipif(not HAS_SPARSE, reason="the sparse backend needs x86 and a compiler")
 THRESHOLD = f"{SPARSE_MIN_BLOCK_SPARSITY:.2f}"
 CASES = {  # name: (sparsity, pattern, scheme)
     "int8_4x1": (0.8, "4x1", "static_int8"),
@@ -28,6 +33,9 @@ CASES = {  # name: (sparsity, pattern, scheme)
     # 80% of single weights zeroed leaves about 0.8^4 = 0.41 of the 4x1 blocks all zero
     "int8_unstructured": (0.8, "unstructured", "static_int8"),
 }
+RACED = ["sparse", "native"] if HAS_SPARSE else ["native"]
+# "measured A 12.3 (11.0-13.1) vs B 10.2 (9.8-10.5) samples/s at ..."
+VERDICT = re.compile(r"measured (\w+) ([\d.]+) \(([\d.]+)-([\d.]+)\) vs (\w+) ([\d.]+) \(([\d.]+)-([\d.]+)\)")
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +49,12 @@ def artifacts(tmp_path_factory, tokenizer) -> dict[str, Path]:
     }
 
 
+@pytest.fixture
+def sparse_copy(artifacts, tmp_path) -> Path:
+    """A private copy of the 80% 4x1 int8 artifact, so each test starts with no recorded race."""
+    return shutil.copytree(artifacts["int8_4x1"], tmp_path / "int8_4x1")
+
+
 def test_block_sparsity_counts_all_zero_4x1_blocks_with_padded_rows():
     weight = torch.ones(6, 3, dtype=torch.int8)  # blocks: rows 0-3 and rows 4-5 plus 2 zero padding rows
     weight[0:4, 0] = 0  # a whole block
@@ -51,42 +65,19 @@ def test_block_sparsity_counts_all_zero_4x1_blocks_with_padded_rows():
 
 
 @pytest.mark.parametrize(
-    ("case", "backend", "reason"),
+    ("case", "candidates", "reason"),
     [
-        ("int8_4x1", SPARSE, f"4x1 block sparsity 0.80 of the int8 Linears >= {THRESHOLD}"),
-        ("dynamic_4x1", SPARSE, f"4x1 block sparsity 0.80 of the int8 Linears >= {THRESHOLD}"),
-        ("int8_dense", "native", f"4x1 block sparsity 0.00 of the int8 Linears < {THRESHOLD}"),
-        ("int8_unstructured", "native", f"4x1 block sparsity 0.41 of the int8 Linears < {THRESHOLD}"),
-        ("bf16_4x1", "native", "scheme bf16 is not int8"),
-        ("fp32", "native", "scheme none is not int8"),
+        ("int8_4x1", RACED, "4x1 block sparsity 0.80 of the int8 Linears"),
+        ("dynamic_4x1", RACED, "4x1 block sparsity 0.80 of the int8 Linears"),
+        ("int8_dense", ["native"], f"4x1 block sparsity 0.00 of the int8 Linears < {THRESHOLD}"),
+        ("int8_unstructured", ["native"], f"4x1 block sparsity 0.41 of the int8 Linears < {THRESHOLD}"),
+        ("bf16_4x1", ["native"], "scheme bf16 is not int8"),
+        ("fp32", ["native"], "scheme none is not int8"),
     ],
 )
-def test_pick_backend(artifacts, case, backend, reason):
-    name, why = pick_backend(load_artifact(artifacts[case]))
-    assert name == backend and why.startswith(reason), (name, why)
-
-
-@pytest.mark.skipif(
-    "sparse" not in available_backends(), reason="the sparse backend needs x86 and a compiler"
-)
-@pytest.mark.parametrize(
-    ("flags", "backend", "why"),
-    [
-        ({"avx512_vnni"}, "sparse", ""),
-        (
-            {"avx512_vnni", "amx_tile", "amx_int8"},
-            "native",
-            ", but this CPU has AMX int8, where dense int8 beats",
-        ),
-    ],
-)
-def test_block_sparse_int8_goes_to_native_on_a_cpu_with_amx(artifacts, monkeypatch, flags, backend, why):
-    """The CPU's flags decide between the VNNI sparse kernels and native's AMX dense int8."""
-    monkeypatch.setattr(auto, "cpu_flags", lambda: frozenset(flags))
-    name, reason = pick_backend(load_artifact(artifacts["int8_4x1"]))
-    assert name == backend and reason.startswith(
-        f"4x1 block sparsity 0.80 of the int8 Linears >= {THRESHOLD}{why}"
-    )
+def test_candidates(artifacts, case, candidates, reason):
+    names, why = candidate_backends(load_artifact(artifacts[case]))
+    assert names == candidates and why.startswith(reason), (names, why)
 
 
 def test_unstructured_int8_has_few_all_zero_blocks(artifacts):
@@ -95,12 +86,85 @@ def test_unstructured_int8_has_few_all_zero_blocks(artifacts):
     assert int8_block_sparsity(load_artifact(artifacts["bf16_4x1"])) is None  # no int8 Linears
 
 
-def test_default_backend_is_auto_and_says_what_it_chose(artifacts, qa_inputs):
-    session = create_session(artifacts["int8_4x1"], batch_size=BATCH, seq_len=SEQ)  # backend=AUTO
-    _, reason = pick_backend(session.artifact)
-    assert session.backend == SPARSE
-    assert session.description.startswith(f"{AUTO} -> {SPARSE}: {reason}; {SPARSE} static int8")
+def test_a_single_candidate_is_not_raced(artifacts):
+    session = create_session(artifacts["int8_dense"], batch_size=BATCH, seq_len=SEQ)
+    assert session.description.startswith(f"{AUTO} -> native: 4x1 block sparsity 0.00 of the int8 Linears < ")
+    assert "measured" not in session.description
+    assert not (artifacts["int8_dense"] / CHOICES).exists()
+
+
+@needs_sparse
+def test_auto_races_sparse_and_native_and_deploys_the_faster(sparse_copy, qa_inputs):
+    session = create_session(sparse_copy, batch_size=BATCH, seq_len=SEQ)  # backend=AUTO
+    match = VERDICT.search(session.description)
+    assert match, session.description
+    first, first_median, first_low, first_high, second, second_median = match.groups()[:6]
+    assert {first, second} == {"sparse", "native"} and session.backend == first
+    assert float(first_median) >= float(second_median)  # the faster median is listed first and wins
+    assert float(first_low) <= float(first_median) <= float(first_high)
+    assert f"batch {BATCH} x seq {SEQ}, {torch.get_num_threads()} threads" in session.description
+    assert session.description.split("; ", 1)[1].startswith(f"{first} ")  # then the backend's own words
     got = session.run(qa_inputs)
-    want = create_session(artifacts["int8_4x1"], "eager", batch_size=BATCH, seq_len=SEQ).run(qa_inputs)
-    assert all(got[name].shape == tensor.shape for name, tensor in want.items())
+    want = create_session(sparse_copy, "eager", batch_size=BATCH, seq_len=SEQ).run(qa_inputs)
     assert logits_cosine(got, want, qa_inputs["attention_mask"]) >= 0.99
+
+
+@needs_sparse
+def test_the_race_is_cached_beside_the_artifact_per_shape(sparse_copy):
+    first = create_session(sparse_copy, batch_size=BATCH, seq_len=SEQ)
+    stored = json.loads((sparse_copy / CHOICES).read_text())
+    (key, choice), *others = stored["choices"].items()
+    assert not others and choice["backend"] == first.backend
+    assert f"batch {BATCH} | seq {SEQ}" in key and "candidates native,sparse" in key
+    # the cache decides: a recorded win for the other backend is obeyed without racing again
+    loser = "native" if first.backend == "sparse" else "sparse"
+    choice.update(backend=loser, verdict="measured by hand")
+    (sparse_copy / CHOICES).write_text(json.dumps(stored))
+    again = create_session(sparse_copy, batch_size=BATCH, seq_len=SEQ)
+    assert again.backend == loser and "measured by hand (cached)" in again.description
+    # another shape is another race, recorded beside the first
+    other = create_session(sparse_copy, batch_size=BATCH + 1, seq_len=SEQ)
+    assert "(cached)" not in other.description and VERDICT.search(other.description)
+    assert len(json.loads((sparse_copy / CHOICES).read_text())["choices"]) == 2
+
+
+@needs_sparse
+def test_a_record_for_other_weights_is_ignored(sparse_copy):
+    create_session(sparse_copy, batch_size=BATCH, seq_len=SEQ)
+    stored = json.loads((sparse_copy / CHOICES).read_text())
+    stored["weights_sha256"] = "0" * 64  # as if the artifact's weights had been replaced
+    (sparse_copy / CHOICES).write_text(json.dumps(stored))
+    session = create_session(sparse_copy, batch_size=BATCH, seq_len=SEQ)
+    assert "(cached)" not in session.description and VERDICT.search(session.description)
+
+
+@needs_sparse
+def test_a_candidate_that_cannot_be_built_drops_out(sparse_copy, monkeypatch):
+    """The sparse kernel's build failing (no compiler, an ISA it lacks) must leave native, not an error."""
+    real = auto.build_runner
+
+    def failing_sparse(name, *args):
+        if name == "sparse":
+            raise RuntimeError("Error building extension 'fastcpu_sparse'; g++ not found\nmore lines")
+        return real(name, *args)
+
+    monkeypatch.setattr(auto, "build_runner", failing_sparse)
+    session = create_session(sparse_copy, batch_size=BATCH, seq_len=SEQ)
+    assert session.backend == "native"
+    assert session.description.startswith(
+        f"{AUTO} -> native: 4x1 block sparsity 0.80 of the int8 Linears, sparse failed to build"
+        " (RuntimeError: Error building extension 'fastcpu_sparse', g++ not found), so native; native"
+    )
+    assert not (sparse_copy / CHOICES).exists()  # a failed build is not a measured race
+
+
+@needs_sparse
+def test_no_buildable_candidate_is_one_error(sparse_copy, monkeypatch):
+    def failing(name, *args):
+        raise BackendError(f"{name} cannot run here")
+
+    monkeypatch.setattr(auto, "build_runner", failing)
+    with pytest.raises(
+        BackendError, match="auto: no candidate backend could be built .*sparse failed to build"
+    ):
+        create_session(sparse_copy, batch_size=BATCH, seq_len=SEQ)

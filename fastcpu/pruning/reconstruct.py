@@ -330,7 +330,7 @@ def reconstruct(
 
 def keep_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Bool keep-mask dropping the ceil(sparsity * columns) lowest scores of every row: at least the
-    target, so that a model pruned to 60% is at the sparse backend's 60% threshold, not just under it."""
+    target, so that a model pruned to 50% is at the sparse backend's 50% threshold, not just under it."""
     keep = torch.ones_like(scores, dtype=torch.bool)
     n_pruned = math.ceil(sparsity * scores.shape[1] - 1e-9)
     if n_pruned:

@@ -75,6 +75,12 @@ def broken_backends() -> dict[str, str]:
     return dict(_BROKEN)
 
 
+def build_runner(name: str, artifact: Artifact, batch_size: int, seq_len: int) -> Runner:
+    """The backend's runner for the artifact at a fixed shape (a bare callable is wrapped with its name)."""
+    runner = get_backend(name)(artifact, batch_size, seq_len)
+    return runner if isinstance(runner, Runner) else Runner(runner, name)
+
+
 def registered_backends() -> list[str]:
     return sorted(_REGISTRY)
 
