@@ -12,8 +12,8 @@ cd "$(dirname "$0")/.."
 TORCH_MAIN=2.13.0
 TORCH_IPEX=2.8.0
 # Every extra but ipex lives in the main environment; the IPEX environment holds all of them.
-EXTRAS_MAIN=dev,postgres,onnxruntime
-EXTRAS_IPEX=dev,postgres,onnxruntime,ipex
+EXTRAS_MAIN=dev,postgres,onnxruntime,openvino
+EXTRAS_IPEX=dev,postgres,onnxruntime,openvino,ipex
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -38,7 +38,7 @@ lock() {
     echo "constraints/$name.txt: $(grep -vc '^#' "$work/$name.txt") pins"
 }
 
-lock main "$TORCH_MAIN" "$EXTRAS_MAIN" "fastcpu.trial, fastcpu_runtime, onnxruntime, psycopg"
+lock main "$TORCH_MAIN" "$EXTRAS_MAIN" "fastcpu.trial, fastcpu_runtime, onnxruntime, openvino, nncf, psycopg"
 lock ipex "$TORCH_IPEX" "$EXTRAS_IPEX" "intel_extension_for_pytorch, fastcpu.trial, fastcpu_runtime"
 # Both resolved and imported: only now replace the committed files.
 cp "$work/main.txt" "$work/ipex.txt" constraints/

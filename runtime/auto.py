@@ -29,7 +29,7 @@ from safetensors import safe_open
 from .artifact import INT8_SCHEMES, WEIGHTS, Artifact
 from .backends import Runner, available_backends, build_runner
 from .cpu import cpu_flags, cpu_model
-from .errors import BackendError
+from .errors import BackendError, first_line
 from .inputs import synthetic_batch
 
 AUTO = "auto"
@@ -115,8 +115,9 @@ def pick_backend(artifact: Artifact, batch_size: int, seq_len: int) -> tuple[str
         name = next(iter(runners))
         return name, runners[name], ", ".join([reason, *failures, f"so {name}"])
     name, verdict = race(runners, artifact, batch_size, seq_len)
-    _write_choice(artifact, key, {"backend": name, "verdict": verdict})
-    return name, runners[name], f"{reason}, {verdict}"
+    if not failures:  # a race without a candidate that failed to build is not the race of this key
+        _write_choice(artifact, key, {"backend": name, "verdict": verdict})
+    return name, runners[name], ", ".join([reason, *failures, verdict])
 
 
 @dataclass(frozen=True)
@@ -167,8 +168,8 @@ def _build_and_call(name: str, artifact: Artifact, batch_size: int, seq_len: int
 
 
 def _first_line(err: BaseException) -> str:
-    """The error's first line, short and without "; " (which separates a description's parts)."""
-    return (str(err).strip().splitlines() or [""])[0][:200].replace("; ", ", ")
+    """The error's first line, without "; " (which separates a description's parts)."""
+    return first_line(err).replace("; ", ", ")
 
 
 def _choice_key(candidates: list[str], batch_size: int, seq_len: int) -> str:

@@ -36,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ from .auto import AUTO, backend_description
 from .backends import available_backends, get_backend
 from .bench import latency_percentiles_ms, time_calls
 from .cpu import cpu_flags, cpu_model
-from .errors import ArtifactError, BackendError
+from .errors import ArtifactError, BackendError, first_line
 from .inputs import fit_rows, synthetic_batch
 from .session import Session, create_session
 from .synthetic import PATTERNS, SCHEMES, SHAPES, minilm_tokenizer, synthetic_model, write_synthetic_artifact
@@ -61,6 +62,8 @@ _PEAK_CALLS = 5
 _PACKAGES = {  # record key: distribution (fastcpu_runtime ships inside the fastcpu distribution)
     "torch": "torch",
     "onnxruntime": "onnxruntime",
+    "openvino": "openvino",
+    "nncf": "nncf",
     "fastcpu_runtime": "fastcpu",
     "ipex": "intel_extension_for_pytorch",
 }
@@ -92,6 +95,7 @@ _NOISE_LOGS = {
 _NOISE_WARNINGS = [("To copy construct from a tensor", r"torch\._inductor\.mkldnn_lowerings")]
 
 Key = tuple[str, int]  # (backend, batch_size)
+_NOT_RUN = ("skip:", "error:")  # how an instance describes a session it could not build
 
 
 @dataclass(frozen=True)
@@ -290,8 +294,10 @@ def _instance_main(
 ) -> None:
     """One pinned process: build every session once, then time them on the parent's command.
 
-    Sends ({key: description or "skip: reason"}, {key: outputs on accuracy_rows}) once (outputs only
-    when given rows, before any timing), then one list of call times per command."""
+    Sends ({key: description, "skip: reason" or "error: what"}, {key: outputs on accuracy_rows}) once
+    (outputs only when given rows, before any timing), then one list of call times per command. A backend
+    that refuses the artifact (BackendError, one sentence) is skipped; any other exception is a crash,
+    reported as an error with its traceback on stderr."""
     _silence_known_noise()
     os.sched_setaffinity(0, cores)
     artifact = load_artifact(artifact_path)
@@ -299,8 +305,12 @@ def _instance_main(
     for backend, batch in keys:
         try:
             session = create_session(artifact, backend, batch_size=batch, seq_len=seq, threads=threads)
-        except Exception as err:  # a backend that cannot run this artifact is reported, not fatal
+        except BackendError as err:  # this backend cannot run this artifact: reported, not fatal
             described[(backend, batch)] = f"skip: {type(err).__name__}: {err}"
+            continue
+        except Exception as err:  # a crash: an error row and a failed command, after the others ran
+            traceback.print_exc()
+            described[(backend, batch)] = f"error: {type(err).__name__}: {first_line(err)}"
             continue
         if accuracy_rows is not None:
             outputs[(backend, batch)] = run_rows(session, accuracy_rows)
@@ -394,11 +404,14 @@ def run_layout(
             outputs.update(received[0][1])
         mask = rows.get("attention_mask", rows["input_ids"] != artifact.pad_token_id)
         cosines = {key: logits_cosine(out, reference, mask) for key, out in outputs.items()}
-        runnable = [key for key in keys if all(not d[key].startswith("skip:") for d in described)]
+        runnable = [key for key in keys if all(not d[key].startswith(_NOT_RUN) for d in described)]
+        failed = []
         for key in keys:
             if key not in runnable:
-                reason = next(d[key] for d in described if d[key].startswith("skip:"))
+                reason = next(d[key] for d in described if d[key].startswith(_NOT_RUN))
                 print(f"{key[0]} batch {key[1]} {layout}: {reason}", file=sys.stderr)
+                if reason.startswith("error:"):
+                    failed.append(_error_record(key, layout, reason.removeprefix("error: "), args.seq))
         rounds: dict[Key, list[list[list[float]]]] = {key: [] for key in runnable}
         for index in range(args.rounds):
             for key in runnable:
@@ -410,7 +423,20 @@ def run_layout(
     records = [_record(key, layout, rounds[key], described[0][key], args.seq) for key in runnable]
     for record, key in zip(records, runnable, strict=True):
         record["cosine_vs_fp32"] = cosines[key]
-    return records
+    return records + failed
+
+
+def _error_record(key: Key, layout: Layout, error: str, seq: int) -> dict:
+    """The row of a backend that crashed: it appears in the table and the JSON, and fails the command."""
+    backend, batch = key
+    return {
+        "backend": backend,
+        "batch_size": batch,
+        "seq_len": seq,
+        "instances": layout.instances,
+        "threads": layout.threads,
+        "error": error,
+    }
 
 
 def _record(key: Key, layout: Layout, rounds: list[list[list[float]]], description: str, seq: int) -> dict:
@@ -451,7 +477,7 @@ def benchmark_artifact(artifact: Artifact, backends: list[str], args: argparse.N
                 scheme=artifact.scheme,
                 sparsity=sparsity.get("target", sparsity.get("overall", 0.0)),
                 pattern=sparsity.get("pattern", "none"),
-                int8_ops_per_sample=ops if _runs_int8(record["description"]) else None,
+                int8_ops_per_sample=ops if _runs_int8(record.get("description", "")) else None,
             )
             records.append(record)
     return records
@@ -503,13 +529,18 @@ def format_table(records: list[dict]) -> str:
     columns += ("p90 ms", "int8 peak", "cos_vs_fp32")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in records:
+        where = (
+            f"| {r['scheme']} | {r['sparsity']:.0%} | {r['pattern']} | {r['backend']} | {r['batch_size']} |"
+            f" {r['instances']}x{r['threads']} |"
+        )
+        if "error" in r:  # a crashed session: its row says so instead of numbers
+            lines.append(f"{where} error: {r['error']} | | | | |")
+            continue
         low, high = r["throughput_spread"]
         fraction = "" if r["int8_peak_fraction"] is None else f"{r['int8_peak_fraction']:.0%}"
         lines.append(
-            f"| {r['scheme']} | {r['sparsity']:.0%} | {r['pattern']} | {r['backend']} | {r['batch_size']} |"
-            f" {r['instances']}x{r['threads']} | {r['throughput']:.1f} ({low:.1f}–{high:.1f}) |"
-            f" {r['latency_p50_ms']:.1f} | {r['latency_p90_ms']:.1f} | {fraction} |"
-            f" {r['cosine_vs_fp32']:.4f} |"
+            f"{where} {r['throughput']:.1f} ({low:.1f}–{high:.1f}) | {r['latency_p50_ms']:.1f} |"
+            f" {r['latency_p90_ms']:.1f} | {fraction} | {r['cosine_vs_fp32']:.4f} |"
         )
     return "\n".join(lines)
 
@@ -625,16 +656,21 @@ def _main(argv: list[str] | None) -> list[dict]:
             records = [r for artifact in artifacts for r in benchmark_artifact(artifact, args.backends, args)]
     except (ArtifactError, BackendError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
-    add_roofline(records)
+    measured = [r for r in records if "error" not in r]
+    failed = [r for r in records if "error" in r]
+    add_roofline(measured)
     for record in records:
         record["system"] = system
     print(format_table(records))
-    if (below := format_accuracy(records)) is not None:
+    if (below := format_accuracy(measured)) is not None:
         print(below)
     if args.latency_budget_ms is not None:
-        print(format_budget(budget_choices(records, args.latency_budget_ms), args.latency_budget_ms))
+        print(format_budget(budget_choices(measured, args.latency_budget_ms), args.latency_budget_ms))
     if args.json is not None:
         args.json.write_text(json.dumps(records, indent=2))
+    if failed:
+        names = sorted({r["backend"] for r in failed})
+        parser.exit(1, f"{parser.prog}: error: {len(failed)} session(s) crashed: {', '.join(names)}\n")
     return records
 
 

@@ -7,3 +7,8 @@ class ArtifactError(Exception):
 
 class BackendError(Exception):
     """A backend is unknown, unusable on this machine, or cannot run the given artifact."""
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The error's first line, cut to `limit` characters: for one-line reports of a failure."""
+    return (str(err).strip().splitlines() or [""])[0][:limit]

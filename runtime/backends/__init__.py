@@ -17,7 +17,7 @@ from .registry import (
 
 # Each backend module registers itself on import. Imports are defensive: a backend whose module cannot
 # import (missing extension, failed C++ build) is reported as broken instead of breaking the others.
-_BUILTIN = ("eager", "native", "sparse", "onnxruntime", "ipex")
+_BUILTIN = ("eager", "native", "sparse", "onnxruntime", "openvino", "ipex")
 
 
 def _load_builtin() -> None:
