@@ -426,8 +426,8 @@ def run_layout(
     return records + failed
 
 
-def _error_record(key: Key, layout: Layout, error: str, seq: int) -> dict:
-    """The row of a backend that crashed: it appears in the table and the JSON, and fails the command."""
+def _session_fields(key: Key, layout: Layout, seq: int) -> dict:
+    """What identifies a session's record: backend, shape and layout."""
     backend, batch = key
     return {
         "backend": backend,
@@ -435,21 +435,21 @@ def _error_record(key: Key, layout: Layout, error: str, seq: int) -> dict:
         "seq_len": seq,
         "instances": layout.instances,
         "threads": layout.threads,
-        "error": error,
     }
+
+
+def _error_record(key: Key, layout: Layout, error: str, seq: int) -> dict:
+    """The row of a backend that crashed: it appears in the table and the JSON, and fails the command."""
+    return {**_session_fields(key, layout, seq), "error": error}
 
 
 def _record(key: Key, layout: Layout, rounds: list[list[list[float]]], description: str, seq: int) -> dict:
     """rounds[r][i] = call times of instance i in round r."""
-    backend, batch = key
+    batch = key[1]
     throughputs = [sum(batch * len(times) / sum(times) for times in instances) for instances in rounds]
     p50, p90 = latency_percentiles_ms([t for instances in rounds for times in instances for t in times])
     return {
-        "backend": backend,
-        "batch_size": batch,
-        "seq_len": seq,
-        "instances": layout.instances,
-        "threads": layout.threads,
+        **_session_fields(key, layout, seq),
         "throughput": statistics.median(throughputs),
         "throughput_spread": [min(throughputs), max(throughputs)],
         "latency_p50_ms": p50,

@@ -28,12 +28,11 @@ from ..artifact import INT8_SCHEMES
 from ..errors import BackendError
 from ..inputs import synthetic_batch
 from .native import positional_model
-from .registry import Runner, mark_broken, register_backend
+from .registry import Runner, register_if_installed
 
 if TYPE_CHECKING:
     from ..artifact import Artifact
 
-BACKENDS = ("onnxruntime", "onnxruntime_fp32")
 INSTALL = "pip install onnxruntime onnxscript"
 _REQUIRED = ("onnxruntime", "onnxscript")  # onnxscript: the dynamo ONNX exporter; it brings `onnx` along
 _NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # node metadata: the module path of each exported op
@@ -44,10 +43,6 @@ _INT8_OPS = ("MatMulInteger", "DynamicQuantizeMatMul")
 def missing_packages() -> list[str]:
     """find_spec only: cheap, and it never imports onnxruntime."""
     return [name for name in _REQUIRED if importlib.util.find_spec(name) is None]
-
-
-def ort_installed() -> bool:
-    return not missing_packages()
 
 
 # ---------------------------------------------------------------------------------------------- factories
@@ -63,19 +58,11 @@ def onnxruntime_fp32_backend(artifact: Artifact, batch_size: int, seq_len: int) 
     return build_runner(artifact, batch_size, seq_len, int8=False)
 
 
-def _register() -> None:
-    """Register both names, or, without the packages, mark them broken so requesting one says what to
-    install (the registry's generic "not usable" error has no room for an install hint)."""
-    missing = missing_packages()
-    if missing:
-        for name in BACKENDS:
-            mark_broken(name, f"{', '.join(missing)} not installed; {INSTALL}")
-        return
-    register_backend("onnxruntime", available=ort_installed)(onnxruntime_backend)
-    register_backend("onnxruntime_fp32", available=ort_installed)(onnxruntime_fp32_backend)
-
-
-_register()
+register_if_installed(
+    {"onnxruntime": onnxruntime_backend, "onnxruntime_fp32": onnxruntime_fp32_backend},
+    missing_packages(),
+    INSTALL,
+)
 
 
 # ------------------------------------------------------------------------------------------------ runner

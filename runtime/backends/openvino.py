@@ -23,12 +23,11 @@ from ..artifact import INT8_SCHEMES
 from ..errors import BackendError
 from ..inputs import synthetic_batch
 from .native import calibration_batches, positional_model
-from .registry import Runner, mark_broken, register_backend
+from .registry import Runner, register_if_installed
 
 if TYPE_CHECKING:
     from ..artifact import Artifact
 
-BACKENDS = ("openvino", "openvino_fp32")
 INSTALL = "pip install openvino nncf"
 _REQUIRED = ("openvino", "nncf")
 _LINEAR = ("__module.model.", "/aten::linear/MatMul")  # a converted Linear's node: prefix MODULE suffix
@@ -37,10 +36,6 @@ _LINEAR = ("__module.model.", "/aten::linear/MatMul")  # a converted Linear's no
 def missing_packages() -> list[str]:
     """find_spec only: cheap, and it never imports OpenVINO or NNCF."""
     return [name for name in _REQUIRED if importlib.util.find_spec(name) is None]
-
-
-def openvino_installed() -> bool:
-    return not missing_packages()
 
 
 def openvino_backend(artifact: Artifact, batch_size: int, seq_len: int) -> Runner:
@@ -54,18 +49,9 @@ def openvino_fp32_backend(artifact: Artifact, batch_size: int, seq_len: int) -> 
     return build_runner(artifact, batch_size, seq_len, int8=False, fp32=True)
 
 
-def _register() -> None:
-    """Register both names, or, without the packages, mark them broken with what to install."""
-    missing = missing_packages()
-    if missing:
-        for name in BACKENDS:
-            mark_broken(name, f"{', '.join(missing)} not installed; {INSTALL}")
-        return
-    register_backend("openvino", available=openvino_installed)(openvino_backend)
-    register_backend("openvino_fp32", available=openvino_installed)(openvino_fp32_backend)
-
-
-_register()
+register_if_installed(
+    {"openvino": openvino_backend, "openvino_fp32": openvino_fp32_backend}, missing_packages(), INSTALL
+)
 
 
 def build_runner(artifact: Artifact, batch_size: int, seq_len: int, *, int8: bool, fp32: bool) -> Runner:

@@ -53,6 +53,16 @@ def register_backend(
     return decorator
 
 
+def register_if_installed(factories: dict[str, BackendFactory], missing: list[str], install: str) -> None:
+    """Register a backend family whose packages are optional; without them (`missing`), mark each name
+    broken with the install hint, so requesting one says what to install."""
+    for name, factory in factories.items():
+        if missing:
+            mark_broken(name, f"{', '.join(missing)} not installed; {install}")
+        else:
+            register_backend(name)(factory)
+
+
 def mark_broken(name: str, reason: str) -> None:
     """Record a backend whose module failed to import, so errors can say why it is missing."""
     _BROKEN[name] = reason
