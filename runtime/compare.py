@@ -144,7 +144,7 @@ def _silence_known_noise() -> list[tuple[logging.Logger, logging.Filter]]:
 
 
 @contextlib.contextmanager
-def _known_noise_silenced() -> Iterator[None]:
+def known_noise_silenced() -> Iterator[None]:
     """_silence_known_noise() for the duration of the block (main() may run inside another program)."""
     with warnings.catch_warnings():
         installed = _silence_known_noise()
@@ -465,7 +465,7 @@ def benchmark_artifact(artifact: Artifact, backends: list[str], args: argparse.N
     """All layouts on one artifact; records carry the artifact's scheme and sparsity, and the dense int8
     work per sample for the results that ran int8 kernels (None otherwise)."""
     sparsity = artifact.manifest.get("sparsity", {})
-    keys = [(backend, batch) for backend in _runnable(backends, artifact) for batch in args.batch]
+    keys = [(backend, batch) for backend in runnable(backends, artifact) for batch in args.batch]
     ops = int8_ops_per_sample(artifact, args.seq) if artifact.quantized_modules else None
     records = []
     if keys:
@@ -502,7 +502,7 @@ def add_roofline(records: list[dict]) -> None:
         r["gemm_peaks_gops"] = peak
 
 
-def _runnable(backends: list[str], artifact: Artifact) -> list[str]:
+def runnable(backends: list[str], artifact: Artifact) -> list[str]:
     """Drop the sparse backend on artifacts not pruned in 4x1 blocks: it would run, but every block."""
     pattern = artifact.manifest.get("sparsity", {}).get("pattern", "none")
     if "sparse" in backends and pattern != "4x1":
@@ -617,7 +617,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 
 @contextlib.contextmanager
-def _artifacts(args: argparse.Namespace) -> Iterator[list[Artifact]]:
+def artifacts_for(args: argparse.Namespace) -> Iterator[list[Artifact]]:
     """The given artifact, or one synthetic artifact per sparsity in a temporary directory."""
     if args.artifact is not None:
         yield [load_artifact(args.artifact)]
@@ -641,7 +641,7 @@ def _artifacts(args: argparse.Namespace) -> Iterator[list[Artifact]]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    with _known_noise_silenced():
+    with known_noise_silenced():
         return _main(argv)
 
 
@@ -652,7 +652,7 @@ def _main(argv: list[str] | None) -> list[dict]:
         _check_args(parser, args)
         system = system_info()
         print(format_system(system))
-        with _artifacts(args) as artifacts:
+        with artifacts_for(args) as artifacts:
             records = [r for artifact in artifacts for r in benchmark_artifact(artifact, args.backends, args)]
     except (ArtifactError, BackendError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")

@@ -1,9 +1,10 @@
 """Answer raw requests with a deployed artifact: questions and contexts, or texts, in; answers out.
 
-A pipeline owns one `Session` (fixed batch and sequence shape) and the artifact's tokenizer. It
-tokenizes as the trial did (`processing`, with the settings the artifact records), runs the windows
-through the session in batches of its shape, and decodes: the best span over a question's windows with
-its probability, or a label with its probability.
+A pipeline owns one `Session` (fixed batch and sequence shape), or a `BucketedSession` (one per
+sequence length, each batch on the shortest that holds it), and the artifact's tokenizer. It tokenizes
+as the trial did (`processing`, with the settings the artifact records), runs the windows through the
+session in batches of its shape, and decodes: the best span over a question's windows with its
+probability, or a label with its probability.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from .artifact import Artifact, load_artifact
 from .auto import AUTO
+from .buckets import BucketedSession, create_bucketed_session
 from .errors import ArtifactError
 from .processing import QaSettings, best_spans, encode_texts, encode_windows, softmax
 from .session import Session, create_session
@@ -50,7 +52,7 @@ class Pipeline(ABC):
     outputs: ClassVar[tuple[str, ...]]  # the model outputs decoding reads
     result: ClassVar[type]  # the dataclass each request's prediction is
 
-    def __init__(self, session: Session, tokenizer: Any) -> None:
+    def __init__(self, session: Session | BucketedSession, tokenizer: Any) -> None:
         self.session = session
         self.artifact: Artifact = session.artifact
         self.tokenizer = tokenizer
@@ -128,7 +130,7 @@ class QuestionAnsweringPipeline(Pipeline):
     outputs = ("start_logits", "end_logits")
     result = Answer
 
-    def __init__(self, session: Session, tokenizer: Any) -> None:
+    def __init__(self, session: Session | BucketedSession, tokenizer: Any) -> None:
         super().__init__(session, tokenizer)
         self.settings = QaSettings.from_manifest(self.artifact.task)
 
@@ -166,7 +168,7 @@ class TextClassificationPipeline(Pipeline):
     outputs = ("logits",)
     result = Label
 
-    def __init__(self, session: Session, tokenizer: Any) -> None:
+    def __init__(self, session: Session | BucketedSession, tokenizer: Any) -> None:
         super().__init__(session, tokenizer)
         id2label = self.artifact.model_config.get("id2label") or {}
         self.labels = {int(index): str(name) for index, name in id2label.items()}
@@ -202,16 +204,24 @@ def load_pipeline(
     backend: str = AUTO,
     *,
     batch_size: int = 8,
+    buckets: Sequence[int] = (),
     threads: int | None = None,
 ) -> Pipeline:
     """The pipeline for the artifact's task head on `backend`; `batch_size` windows (QA) or texts run per
-    call, at the artifact's sequence length (the session is compiled for that shape here)."""
+    call, at the artifact's sequence length, or with `buckets` (lengths up to it) at the shortest bucket
+    that holds the call's tokens (every session is compiled here)."""
     if not isinstance(artifact, Artifact):
         artifact = load_artifact(artifact)
     kind = pipeline_class(artifact)
     tokenizer = artifact.tokenizer()
     kind.check(artifact, tokenizer)  # before the session compiles
-    session = create_session(
-        artifact, backend, batch_size=batch_size, seq_len=artifact.max_seq_length, threads=threads
-    )
+    session: Session | BucketedSession
+    if buckets:
+        session = create_bucketed_session(
+            artifact, backend, batch_size=batch_size, buckets=buckets, threads=threads
+        )
+    else:
+        session = create_session(
+            artifact, backend, batch_size=batch_size, seq_len=artifact.max_seq_length, threads=threads
+        )
     return kind(session, tokenizer)

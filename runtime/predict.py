@@ -3,6 +3,7 @@
     python -m fastcpu_runtime.predict ARTIFACT --question "Who ...?" --context "..."
     python -m fastcpu_runtime.predict ARTIFACT --text "a gripping film"
     python -m fastcpu_runtime.predict ARTIFACT < requests.jsonl   # {"question": ..., "context": ...} per line
+    python -m fastcpu_runtime.predict ARTIFACT --buckets 64 128 256 < requests.jsonl  # short calls run short
 
 Requests are read and checked against the artifact's task before the model is compiled, so bad input
 costs nothing; answers are printed in request order.
@@ -36,6 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--text", help="text to classify (classification artifacts)")
     parser.add_argument("--backend", default=AUTO, choices=[AUTO, *available_backends()])
     parser.add_argument("--batch-size", type=int, default=8, help="windows or texts per model call")
+    parser.add_argument(
+        "--buckets",
+        type=int,
+        nargs="+",
+        default=[],
+        help="sequence lengths to compile besides the artifact's; each call runs at the shortest that fits",
+    )
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     return parser
 
@@ -69,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         inline = _inline_request(args)
         requests = [inline] if inline is not None else _json_lines(sys.stdin)
         pipeline_class(artifact).check_requests(requests)
-        pipeline = load_pipeline(artifact, args.backend, batch_size=args.batch_size, threads=args.threads)
+        pipeline = load_pipeline(
+            artifact, args.backend, batch_size=args.batch_size, buckets=args.buckets, threads=args.threads
+        )
         answers = pipeline.predict(requests)
     except (ArtifactError, BackendError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")

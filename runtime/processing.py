@@ -179,10 +179,12 @@ def best_window_spans(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per window, the best valid (score, start token, end token) among the top-n start and end tokens.
 
-    Vectorised form of run_qa's loop: take the n_best highest start and end logits, keep pairs inside the
-    context with start <= end and at most max_answer_length tokens, score = start + end logit. A window
-    with no valid pair scores -inf.
+    Vectorised form of run_qa's loop: take the n_best highest start and end logits among the context
+    tokens (run_qa ranks all tokens, so question and padding tokens can crowd out candidates, and the
+    answer would depend on the padded length), keep pairs with start <= end and at most
+    max_answer_length tokens, score = start + end logit. A window with no valid pair scores -inf.
     """
+    start, end = np.where(context, start, -np.inf), np.where(context, end, -np.inf)
     n_windows = len(start)
     n = min(n_best, start.shape[1])
     rows = np.arange(n_windows)[:, None]

@@ -33,6 +33,11 @@ class Session:
     def __repr__(self) -> str:
         return f"Session({self.description!r}, batch_size={self.batch_size}, seq_len={self.seq_len})"
 
+    @property
+    def token_level(self) -> bool:
+        """Whether outputs have a sequence dimension (a value per token) that padding must not leak into."""
+        return self.artifact.head in _TOKEN_LEVEL_HEADS
+
     def run(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Run up to [batch_size, seq_len] inputs; returns float32 outputs for exactly the given rows."""
         batch, b, s = as_batch(inputs, self.artifact.input_names)
@@ -52,10 +57,9 @@ class Session:
         return dict(zip(names, raw, strict=True))
 
     def _unpad(self, outputs: dict[str, torch.Tensor], b: int, s: int) -> dict[str, torch.Tensor]:
-        token_level = self.artifact.head in _TOKEN_LEVEL_HEADS
         out = {}
         for name, tensor in outputs.items():
-            tensor = tensor[:b, :s] if token_level and tensor.ndim >= 2 else tensor[:b]
+            tensor = tensor[:b, :s] if self.token_level and tensor.ndim >= 2 else tensor[:b]
             out[name] = tensor.float().clone()  # clone: do not hand out views of reused compiled buffers
         return out
 

@@ -98,6 +98,7 @@ def write_synthetic_artifact(
             "output_names": ["start_logits", "end_logits"],
             "max_seq_length": seq_len,
             "pad_token_id": tokenizer.pad_token_id,
+            **qa_settings(seq_len),
         },
         "quantization": {"scheme": scheme, "modules": modules if scheme.endswith("int8") else []},
         "sparsity": {"method": "magnitude", "pattern": pattern if sparsity else "none", "target": sparsity},
@@ -110,6 +111,17 @@ def write_synthetic_artifact(
         tokenizer=tokenizer,
         calibration={n: calibration[n] for n in INPUT_NAMES},
     )
+
+
+def qa_settings(seq_len: int) -> dict[str, int]:
+    """Windowing and decoding settings for answering questions at `seq_len` (SQuAD's at 384 tokens:
+    stride 128, questions cut to 64 tokens, 20 candidates, answers up to 30 tokens)."""
+    return {
+        "doc_stride": seq_len // 3,
+        "max_query_length": min(64, seq_len // 4),
+        "n_best_size": 20,
+        "max_answer_length": 30,
+    }
 
 
 def _stored_state(

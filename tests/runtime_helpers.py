@@ -74,14 +74,19 @@ def save(
     modules=(),
     state=None,
     sparsity=None,
+    ranges=None,
     **kwargs,
 ) -> Path:
     """Write `model` as an artifact; `state` defaults to its own state with `modules` quantized to int8;
-    `sparsity` is the manifest's entry (default: not pruned)."""
+    `sparsity` is the manifest's entry (default: not pruned); `ranges` the activation ranges recorded
+    (as QAT records them; default: none, the backends calibrate)."""
+    quantization = {"scheme": scheme, "modules": list(modules)}
+    if ranges is not None:
+        quantization["activation_ranges"] = ranges
     manifest = {
         "model_type": "bert",
         "task": task,
-        "quantization": {"scheme": scheme, "modules": list(modules)},
+        "quantization": quantization,
         "sparsity": sparsity or {"pattern": "none", "overall": 0.0},
     }
     return write_artifact(

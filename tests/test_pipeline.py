@@ -167,6 +167,7 @@ def test_cli_answers_one_question_or_json_lines(qa, qa_artifact) -> None:
         (["--text", "hello"], "", "request 0 lacks ['question', 'context']"),
         ([], '{"question": "a", "context": "b"}\nnot json\n', "stdin line 2 is not JSON"),
         (["--batch-size", "0"], "", "--batch-size must be at least 1"),
+        (["--buckets", "32", "65"], "", "buckets [65] are outside 1..64"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(qa_artifact, args, stdin, message) -> None:
