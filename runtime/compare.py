@@ -571,19 +571,26 @@ def format_budget(choices: dict[str, dict | None], budget_ms: float) -> str:
 # -------------------------------------------------------------------------------------------- main
 
 
-def build_parser() -> argparse.ArgumentParser:
+def artifact_parser(prog: str, doc: str, sparsities: str | int) -> argparse.ArgumentParser:
+    """A command's parser (its help from its module `doc`) with the artifact source: --artifact, or a
+    synthetic --shape with its --sparsity (`sparsities`: argparse nargs), --pattern and --scheme."""
     parser = argparse.ArgumentParser(
-        prog="python -m fastcpu_runtime.compare",
-        description=__doc__.split("\n\n")[0],
+        prog=prog,
+        description=doc.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
+        epilog=doc.split("\n\n", 1)[1],
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--artifact", type=Path, help="an exported artifact directory")
     source.add_argument("--shape", choices=sorted(SHAPES), help="a synthetic BERT-for-QA of this shape")
-    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.0], help="synthetic only")
+    parser.add_argument("--sparsity", type=float, nargs=sparsities, default=[0.0], help="synthetic only")
     parser.add_argument("--pattern", choices=PATTERNS, default="4x1", help="synthetic only")
     parser.add_argument("--scheme", choices=SCHEMES, default="static_int8", help="synthetic only")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = artifact_parser("python -m fastcpu_runtime.compare", __doc__, "+")
     parser.add_argument(
         "--backends", nargs="+", help=f"default: every available backend; {AUTO}: the one pick_backend picks"
     )

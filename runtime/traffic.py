@@ -32,11 +32,17 @@ from .artifact import Artifact
 from .auto import AUTO
 from .backends import available_backends, get_backend
 from .bench import latency_percentiles_ms
-from .compare import artifacts_for, format_system, known_noise_silenced, runnable, system_info
+from .compare import (
+    artifact_parser,
+    artifacts_for,
+    format_system,
+    known_noise_silenced,
+    runnable,
+    system_info,
+)
 from .errors import ArtifactError, BackendError, first_line
 from .pipeline import Pipeline, load_pipeline, pipeline_class
 from .processing import QaSettings, encode_windows
-from .synthetic import PATTERNS, SCHEMES, SHAPES
 
 _WARMUP_REQUESTS = 3  # untimed requests per pipeline before each round
 MODES = ("padded", "bucketed")
@@ -167,18 +173,7 @@ def format_report(records: list[dict], lengths: dict[str, float]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m fastcpu_runtime.traffic",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--artifact", type=Path, help="an exported artifact directory")
-    source.add_argument("--shape", choices=sorted(SHAPES), help="a synthetic BERT-for-QA of this shape")
-    parser.add_argument("--sparsity", type=float, nargs=1, default=[0.0], help="synthetic only")
-    parser.add_argument("--pattern", choices=PATTERNS, default="4x1", help="synthetic only")
-    parser.add_argument("--scheme", choices=SCHEMES, default="static_int8", help="synthetic only")
+    parser = artifact_parser("python -m fastcpu_runtime.traffic", __doc__, 1)
     parser.add_argument("--seq", type=int, default=384, help="synthetic only: the padded length")
     parser.add_argument("--requests", type=Path, required=True, help="SQuAD JSON or JSON lines")
     parser.add_argument("--questions", type=int, default=200, help="requests to time")
