@@ -54,7 +54,8 @@ def _inline_request(args: argparse.Namespace) -> dict[str, str] | None:
     return given or None
 
 
-def _json_lines(lines: Iterable[str]) -> list[Any]:
+def json_lines(lines: Iterable[str], source: str = "stdin") -> list[Any]:
+    """One JSON value per non-blank line; a line that is not JSON is a ValueError naming `source` and it."""
     requests = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -62,7 +63,7 @@ def _json_lines(lines: Iterable[str]) -> list[Any]:
         try:
             requests.append(json.loads(line))
         except json.JSONDecodeError as error:
-            raise ValueError(f"stdin line {number} is not JSON ({error.msg})") from None
+            raise ValueError(f"{source} line {number} is not JSON ({error.msg})") from None
     return requests
 
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         artifact = load_artifact(args.artifact)
         inline = _inline_request(args)
-        requests = [inline] if inline is not None else _json_lines(sys.stdin)
+        requests = [inline] if inline is not None else json_lines(sys.stdin)
         pipeline_class(artifact).check_requests(requests)
         pipeline = load_pipeline(
             artifact, args.backend, batch_size=args.batch_size, buckets=args.buckets, threads=args.threads

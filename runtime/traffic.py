@@ -32,6 +32,7 @@ from .artifact import Artifact
 from .auto import AUTO
 from .backends import available_backends, get_backend
 from .bench import latency_percentiles_ms
+from .buckets import BucketedSession, bucket_lengths
 from .compare import (
     artifact_parser,
     artifacts_for,
@@ -42,7 +43,9 @@ from .compare import (
 )
 from .errors import ArtifactError, BackendError, first_line
 from .pipeline import Pipeline, load_pipeline, pipeline_class
-from .processing import QaSettings, encode_windows
+from .predict import json_lines
+from .processing import QaSettings, encode_texts, encode_windows
+from .session import create_session
 
 _WARMUP_REQUESTS = 3  # untimed requests per pipeline before each round
 MODES = ("padded", "bucketed")
@@ -63,7 +66,7 @@ def read_requests(path: Path, count: int) -> list[dict[str, str]]:
         ]
         step = max(1, len(requests) // count)
         return requests[::step][:count]
-    return [json.loads(line) for line in text.splitlines() if line.strip()][:count]
+    return json_lines(text.splitlines(), f"--requests {path}")[:count]
 
 
 def window_lengths(artifact: Artifact, tokenizer: Any, requests: list[dict[str, str]]) -> dict[str, float]:
@@ -76,9 +79,9 @@ def window_lengths(artifact: Artifact, tokenizer: Any, requests: list[dict[str, 
         )
         per_request = len(windows.example_index) / len(requests)
     else:
-        inputs = tokenizer([r["text"] for r in requests], truncation=True, max_length=artifact.max_seq_length)
+        inputs = encode_texts(tokenizer, names, [r["text"] for r in requests], artifact.max_seq_length)
         per_request = 1.0
-    lengths = np.asarray([int(sum(row)) for row in inputs["attention_mask"]])
+    lengths = inputs["attention_mask"].sum(dim=1).numpy()
     p50, p90 = np.percentile(lengths, [50, 90])
     return {
         "windows_per_request": per_request,
@@ -102,13 +105,15 @@ def time_requests(pipeline: Pipeline, requests: list[dict[str, str]]) -> tuple[l
 def measure_backend(
     artifact: Artifact, backend: str, requests: list[dict[str, str]], args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Padded and bucketed pipelines of one backend over paired, alternating rounds of the requests."""
-    pipelines = {
-        "padded": load_pipeline(artifact, backend, batch_size=args.batch, threads=args.threads),
-        "bucketed": load_pipeline(
-            artifact, backend, batch_size=args.batch, buckets=args.buckets, threads=args.threads
-        ),
-    }
+    """Padded and bucketed pipelines of one backend over paired, alternating rounds of the requests; the
+    bucketed one reuses the padded session as its longest bucket (one compile fewer)."""
+    padded = load_pipeline(artifact, backend, batch_size=args.batch, threads=args.threads)
+    shorter = [
+        create_session(artifact, backend, batch_size=args.batch, seq_len=length, threads=args.threads)
+        for length in bucket_lengths(args.buckets, artifact.max_seq_length)[:-1]
+    ]
+    bucketed = type(padded)(BucketedSession([*shorter, padded.session]), padded.tokenizer)
+    pipelines = {"padded": padded, "bucketed": bucketed}
     groups = [list(group) for group in np.array_split(np.asarray(requests, dtype=object), args.rounds)]
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
     answers: dict[str, list[dict]] = {mode: [] for mode in MODES}
@@ -205,9 +210,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with known_noise_silenced():
         try:
             _check_args(parser, args)
+            requests = read_requests(args.requests, args.questions)
+            if len(requests) < args.rounds:
+                raise ValueError(f"--requests {args.requests}: {len(requests)} requests, fewer than --rounds")
             print(format_system(system_info()))
             with artifacts_for(args) as (artifact,):
-                records, lengths = _measure(artifact, args)
+                records, lengths = _measure(artifact, requests, args)
         except (ArtifactError, BackendError, ValueError) as err:
             parser.exit(2, f"{parser.prog}: error: {first_line(err)}\n")
     print(format_report(records, lengths))
@@ -219,11 +227,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return records
 
 
-def _measure(artifact: Artifact, args: argparse.Namespace) -> tuple[list[dict], dict[str, float]]:
-    """The traffic's lengths, then one record per backend (an error record for one that crashed)."""
-    requests = read_requests(args.requests, args.questions)
-    kind = pipeline_class(artifact)
-    kind.check_requests(requests)
+def _measure(
+    artifact: Artifact, requests: list[dict[str, str]], args: argparse.Namespace
+) -> tuple[list[dict], dict[str, float]]:
+    """The traffic's lengths, then one record per backend (an error record for one that crashed); the
+    requests and buckets are checked against the artifact before anything compiles."""
+    pipeline_class(artifact).check_requests(requests)
+    bucket_lengths(args.buckets, artifact.max_seq_length)
     lengths = window_lengths(artifact, artifact.tokenizer(), requests)
     records = []
     for backend in runnable(args.backends, artifact):

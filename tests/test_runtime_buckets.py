@@ -137,9 +137,23 @@ def test_traffic_times_padded_against_bucketed_on_real_squad_text(qa_artifact, t
     assert "| eager | buckets [32, 64] |" in done.stdout
 
 
-def test_traffic_refuses_a_json_file_that_is_not_squad(tmp_path) -> None:
-    wrong = tmp_path / "requests.json"
-    wrong.write_text(json.dumps([{"question": "q", "context": "c"}]))
-    done = traffic("--shape", "tiny", "--seq", "64", "--requests", str(wrong), "--backends", "eager")
-    assert done.returncode == 2
-    assert "a .json file must be SQuAD's" in done.stderr and "Traceback" not in done.stderr
+PAIR = json.dumps({"question": "Who wrote Hamlet?", "context": CONTEXTS[1]})
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "args", "message"),
+    [
+        ("requests.json", json.dumps([json.loads(PAIR)]), [], "a .json file must be SQuAD's"),
+        ("requests.jsonl", PAIR, ["--rounds=1", "--buckets", "32", "65"], "buckets [65] are outside 1..64"),
+        ("requests.jsonl", f"{PAIR}\n{PAIR}", ["--rounds", "3"], "2 requests, fewer than --rounds"),
+        ("requests.jsonl", f"{PAIR}\nnot json", [], "requests.jsonl line 2 is not JSON"),
+    ],
+)
+def test_traffic_refuses_bad_input_before_compiling(tmp_path, name, content, args, message) -> None:
+    """One line and exit 2, before any backend has run."""
+    path = tmp_path / name
+    path.write_text(content)
+    done = traffic("--shape", "tiny", "--seq", "64", "--requests", str(path), "--backends", "eager", *args)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert "eager: done" not in done.stderr
