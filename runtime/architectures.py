@@ -25,6 +25,9 @@ class LayerMap:
     head_count: str | None = None  # module whose num_attention_heads/all_head_size must follow its query
     first_layer_required: bool = False  # the family builds layer 0 differently: a student must keep it
     per_layer_config: tuple[str, ...] = ()  # config lists with one entry per layer
+    # the module owning query, key and value when its forward is BertSelfAttention's (encoder only):
+    # the sparse backend then runs the three as one GEMM there
+    bert_self_attention: str | None = None
 
     @property
     def stages(self) -> tuple[tuple[str, ...], ...]:
@@ -48,6 +51,7 @@ _BERT = LayerMap(
     attention_out="attention.output.dense",
     ffn_in="intermediate.dense",
     ffn_out="output.dense",
+    bert_self_attention="attention.self",
 )
 
 LAYER_MAPS: dict[str, LayerMap] = {

@@ -189,6 +189,25 @@ def test_native_fp32_matches_eager(artifacts, qa_inputs, eager_session, eager_re
         torch.testing.assert_close(padded[name], want, atol=1e-4, rtol=0)
 
 
+def test_each_session_compiles_its_own_graph_and_unguarded_calls_keep_them_apart(artifacts, qa_inputs):
+    """Every session gets its own dynamo cache: at a recompile limit of 1, a second compiled model of the
+    same class still compiles (no silent eager fallback); warm calls skip the guards and each session,
+    called in turn, still runs its own graph."""
+    graphs = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(recompile_limit=1):
+        fp32, bf16 = (  # two PositionalModels: one forward, one code object
+            create_session(artifacts[scheme], "native", batch_size=BATCH, seq_len=SEQ)
+            for scheme in ("none", "bf16")
+        )
+        first = fp32.run(qa_inputs), bf16.run(qa_inputs)
+        again = fp32.run(qa_inputs), bf16.run(qa_inputs)
+    assert counters["stats"]["unique_graphs"] == graphs + 2
+    assert not torch.equal(first[0]["start_logits"], first[1]["start_logits"])
+    for before, after in zip(first, again, strict=True):
+        for name in before:
+            torch.testing.assert_close(after[name], before[name], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("scheme", ["static_int8", "dynamic_int8", "bf16"])
 def test_native_low_precision_is_close_to_eager(scheme, artifacts, qa_inputs, tokenizer, qa_model, tmp_path):
     session = create_session(artifacts[scheme], "native", batch_size=BATCH, seq_len=SEQ)

@@ -22,12 +22,20 @@ from transformers import BertForQuestionAnswering
 from fastcpu.pruning import magnitude_mask
 from fastcpu_runtime import BackendError, available_backends, create_session, load_artifact
 from fastcpu_runtime.backends.sparse import (
+    FUSION_ENV,
     SparseInt8Linear,
     quantize_uint8,
     sparse_available,
     sparse_linear_op,
 )
-from fastcpu_runtime.kernels import available_paths, pack_4x1, pack_linear, sparse_linear
+from fastcpu_runtime.kernels import (
+    available_paths,
+    pack_4x1,
+    pack_linear,
+    sparse_int8_gemm,
+    sparse_linear,
+    stack_rows,
+)
 
 pytestmark = pytest.mark.skipif(not sparse_available(), reason="sparse needs x86 and a C++ compiler")
 
@@ -112,6 +120,40 @@ def test_module_pads_odd_out_features_and_keeps_leading_dims():
     torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_stacked_packing_computes_each_weight_exactly():
+    """[W1; W2; W3] packed as one: its int32 accumulators are each weight's, side by side, whatever
+    the densities (an all-zero weight included)."""
+    gen = torch.Generator().manual_seed(2)
+    weights = [torch.randint(-127, 128, (rows, 20), dtype=torch.int8, generator=gen) for rows in (8, 4, 12)]
+    weights[0][:, ::3] = 0
+    weights[1].zero_()
+    x = torch.randint(0, 256, (7, 20), dtype=torch.uint8, generator=gen)
+    stacked = stack_rows([pack_4x1(w) for w in weights])
+    assert stacked.out_features == 24 and stacked.in_features == 20
+    expected = torch.cat([sparse_int8_gemm(x, pack_4x1(w)) for w in weights], dim=1)
+    torch.testing.assert_close(sparse_int8_gemm(x, stacked), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="read different widths"):
+        stack_rows([pack_4x1(weights[0]), pack_4x1(weights[0][:, :16])])
+
+
+def test_merged_query_key_value_gives_the_unmerged_outputs(artifacts, static_session, qa_inputs, monkeypatch):
+    """One GEMM for q, k and v per layer (the default) answers as the three separate ones do."""
+    layers = load_artifact(artifacts["static_int8"]).model_config["num_hidden_layers"]
+    assert f"query/key/value as one GEMM in {layers} layers" in static_session.description
+    monkeypatch.setenv(FUSION_ENV, "none")
+    separate = create_session(artifacts["static_int8"], "sparse", batch_size=BATCH, seq_len=SEQ)
+    assert "one GEMM" not in separate.description
+    merged, unmerged = static_session.run(qa_inputs), separate.run(qa_inputs)
+    for name in merged:
+        torch.testing.assert_close(merged[name], unmerged[name], rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_fusion_cap_is_one_clear_error(artifacts, monkeypatch):
+    monkeypatch.setenv(FUSION_ENV, "everything")
+    with pytest.raises(ValueError, match="FASTCPU_SPARSE_FUSION='everything' is not a fusion step; allowed"):
+        create_session(artifacts["static_int8"], "sparse", batch_size=BATCH, seq_len=SEQ)
+
+
 def test_sparse_is_registered_and_available():
     assert "sparse" in available_backends()
 
@@ -145,6 +187,8 @@ def test_whole_model_is_one_graph_around_the_custom_op(artifacts):
     artifact = load_artifact(artifacts["dynamic_int8"])
     model = positional_model(artifact, torch.float32)
     backend.replace_linears(model.model, artifact.state_dict(), artifact.quantized_modules, None)
+    layers = backend.merge_query_key_value(model.model)
+    assert layers == artifact.model_config["num_hidden_layers"]
     example = tuple(synthetic_batch(artifact.input_names, 2, 16, artifact.vocab_size).values())
     explanation = torch._dynamo.explain(model)(*example)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
@@ -153,7 +197,7 @@ def test_whole_model_is_one_graph_around_the_custom_op(artifacts):
         for node in explanation.graphs[0].graph.nodes
         if node.target in (torch.ops.fastcpu.sparse_linear, torch.ops.fastcpu.sparse_linear.default)
     ]
-    assert len(ops) == len(artifact.quantized_modules)
+    assert len(ops) == len(artifact.quantized_modules) - 2 * layers  # q, k and v are one op
 
 
 def test_sparse_is_close_to_native_static_int8(artifacts, static_session, qa_inputs):
@@ -301,3 +345,28 @@ def test_unknown_isa_cap_is_one_clear_error(artifacts, qa_inputs, tmp_path):
         "FASTCPU_SPARSE_MAX_ISA='sse9' is not a kernel path; allowed: avx512_vnni, avx2, scalar"
         in done.stderr
     )
+
+
+def test_steps_benchmark_times_every_step_against_native(tmp_path):
+    """benchmarks/sparse_steps.py on a tiny synthetic artifact: one row per session, in step order, each
+    step's ratios taken from the same rounds as the rows they compare."""
+    import importlib.util
+    import json
+
+    from conftest import ROOT
+
+    from fastcpu_runtime.backends.sparse import FUSION_STEPS
+
+    spec = importlib.util.spec_from_file_location("sparse_steps", ROOT / "benchmarks" / "sparse_steps.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = ["--shape", "tiny", "--sparsity", "0.8", "--batch", "2", "--seq", "16", "--rounds", "2"]
+    records = module.main([*args, "--iterations", "2", "--json", str(tmp_path / "steps.json")])
+    assert [r["session"] for r in records] == ["native", *(f"sparse {step}" for step in FUSION_STEPS)]
+    assert json.loads((tmp_path / "steps.json").read_text()) == records
+    assert records[1]["vs_previous"] is None
+    for row in records[1:]:
+        assert row["samples_per_s"]["min"] > 0
+        assert row["vs_native"]["min"] <= row["vs_native"]["median"] <= row["vs_native"]["max"]
+    with pytest.raises(SystemExit):
+        module.main(["--shape", "tiny", "--scheme", "dynamic_int8"])

@@ -6,8 +6,10 @@ Graphs are compiled for the session's fixed shape; the session pads every call t
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import platform
 import shutil
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -48,22 +50,55 @@ def positional_model(artifact: Artifact, dtype: torch.dtype, attention: str = "s
     return PositionalModel(model, artifact.input_names, artifact.output_names).eval()
 
 
-def compile_frozen(model: Callable[..., Any]) -> Callable[..., Any]:
+def compile_frozen(model: Callable[..., Any], *, skip_guards: bool = True) -> Callable[..., Any]:
     """torch.compile with inductor freezing (weights folded as constants, int8 weight prepacking).
 
     Freezing must be patched into the global inductor config: torch.compile(options={"freezing": True})
     does not reach the freezing pass in torch 2.13, and the int8 graph then fails on qlinear_prepack.
     The patch wraps every call, not just the first, so even an unexpected recompile stays frozen.
+    After the first call (which compiles), calls skip dynamo's guard evaluation (`skip_guards`): a Session
+    calls with one shape and dtype, so only the guards that tell compiled models apart are needed, and
+    dynamo keeps those.
     """
     import torch._inductor.config as inductor_config
 
-    compiled = torch.compile(model, dynamic=False)
+    compiled = torch.compile(_with_own_code(model), dynamic=False)
+    warm = False
 
-    def run(*tensors: torch.Tensor) -> Any:
-        with inductor_config.patch(freezing=True):
+    def call(skip: bool, tensors: tuple[torch.Tensor, ...]) -> Any:
+        with inductor_config.patch(freezing=True), torch.compiler.set_stance(skip_guard_eval_unsafe=skip):
             return compiled(*tensors)
 
+    def run(*tensors: torch.Tensor) -> Any:
+        nonlocal warm
+        if warm and skip_guards:
+            try:
+                return call(True, tensors)
+            except RuntimeError as err:  # the graph is gone (torch._dynamo.reset()): compile it again
+                if "skip_guard_eval_unsafe" not in str(err):
+                    raise
+        out = call(False, tensors)
+        warm = True
+        return out
+
     return run
+
+
+_compiled_models = itertools.count()
+
+
+def _with_own_code(model: Callable[..., Any]) -> Callable[..., Any]:
+    """`model(*tensors)` as a function with a code object of its own.
+
+    dynamo keeps compiled graphs per code object, and every PositionalModel shares one `forward`: without
+    this, each session's graph is one more entry there, the 9th in a process hits dynamo's recompile limit
+    and silently runs eager, and each call walks the guards of the sessions compiled before it."""
+
+    def call(*tensors: torch.Tensor) -> Any:
+        return model(*tensors)
+
+    code = call.__code__.replace(co_name=f"compiled_model_{next(_compiled_models)}")
+    return types.FunctionType(code, call.__globals__, code.co_name, None, call.__closure__)
 
 
 # ------------------------------------------------------------------------------------------------ int8

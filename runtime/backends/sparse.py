@@ -7,16 +7,18 @@ PyTorch and is compiled by inductor with freezing around the kernel, which is re
 
 from __future__ import annotations
 
+import os
 import platform
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from ..architectures import family_layer_map, transformer_layers
 from ..artifact import INT8_SCHEMES
 from ..errors import BackendError
-from ..kernels.sparse import PackedWeight, kernel_path, load_extension, pack_linear
+from ..kernels.sparse import PackedWeight, kernel_path, load_extension, pack_linear, stack_rows
 from ..modeling import fast_attention
 from .native import calibration_batches, compile_frozen, have_compiler, positional_model, widen
 from .registry import Runner, register_backend
@@ -27,11 +29,25 @@ if TYPE_CHECKING:
 _X86 = ("x86_64", "amd64", "i386", "i686")
 _UINT8_MAX = 255
 _BLOCK = 4
+# The steps of the fused sparse encoder, in the order they were added: "qkv" runs a layer's query, key and
+# value as one GEMM; "unguarded" calls the compiled graph without evaluating dynamo's guards.
+# FASTCPU_SPARSE_FUSION caps them, as FASTCPU_SPARSE_MAX_ISA caps the kernel's ISA, so a benchmark can
+# measure what each step buys.
+FUSION_STEPS = ("none", "qkv", "unguarded")
+FUSION_ENV = "FASTCPU_SPARSE_FUSION"
 
 
 def sparse_available() -> bool:
     """The kernel is x86 SIMD code built on first use, so it needs an x86 CPU and a C++ compiler."""
     return platform.machine().lower() in _X86 and have_compiler()
+
+
+def fusion_steps() -> tuple[str, ...]:
+    """The fusion steps on: every one up to $FASTCPU_SPARSE_FUSION (default: all of them)."""
+    cap = os.environ.get(FUSION_ENV, FUSION_STEPS[-1])
+    if cap not in FUSION_STEPS:
+        raise ValueError(f"{FUSION_ENV}={cap!r} is not a fusion step; allowed: {', '.join(FUSION_STEPS)}")
+    return FUSION_STEPS[: FUSION_STEPS.index(cap) + 1]
 
 
 # ------------------------------------------------------------------------------------------- custom op
@@ -137,6 +153,7 @@ class SparseInt8Linear(nn.Module):
         self.register_buffer("weight_scale", scale.contiguous())
         self.register_buffer("bias", full_bias)
         self.dynamic = x_range is None
+        self.x_range = x_range
         if x_range is not None:
             x_scale, x_zero_point = qparams_from_range(torch.tensor(x_range[0]), torch.tensor(x_range[1]))
             self.register_buffer("x_scale", x_scale)
@@ -169,6 +186,72 @@ class SparseInt8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+def stack_linears(members: list[SparseInt8Linear]) -> SparseInt8Linear:
+    """One SparseInt8Linear computing [y1, y2, ...] for Linears that read the same input; static ranges
+    are joined (equal when observed on the same input; QAT learns them close)."""
+    x_range = None
+    if not members[0].dynamic:
+        x_range = (min(m.x_range[0] for m in members), max(m.x_range[1] for m in members))
+    return SparseInt8Linear(
+        stack_rows([m.packed for m in members]),
+        torch.cat([m.weight_scale[: m.out_features] for m in members]),
+        torch.cat([m.bias[: m.out_features] for m in members]),
+        x_range,
+    )
+
+
+class MergedQKVSelfAttention(nn.Module):
+    """A BERT-family self-attention (BertSelfAttention's forward, encoder only) whose query, key and value
+    run as one sparse GEMM: they read the same hidden states, so one activation quantization and one
+    kernel call do the work of three."""
+
+    def __init__(self, attention: nn.Module, members: list[SparseInt8Linear]) -> None:
+        super().__init__()
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.models.bert.modeling_bert import eager_attention_forward
+
+        self.qkv = stack_linears(members)
+        self.widths = [m.out_features for m in members]
+        self.config = attention.config
+        self.is_causal = attention.is_causal
+        self.head_size = attention.attention_head_size
+        self.scaling = attention.scaling
+        self.attend = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        self.train(attention.training)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        kwargs.pop("cache", None)  # always None in an encoder
+        rows = hidden_states.shape[:-1]
+        q, k, v = (
+            t.reshape(*rows, -1, self.head_size).transpose(1, 2)
+            for t in self.qkv(hidden_states).split(self.widths, dim=-1)
+        )
+        out, weights = self.attend(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
+        return out.reshape(*rows, -1).contiguous(), weights
+
+
+def merge_query_key_value(model: nn.Module) -> int:
+    """Swap each BERT-family self-attention whose query, key and value all run on the sparse kernel (and
+    fill whole 4-row blocks) for a MergedQKVSelfAttention; returns how many layers were merged."""
+    lmap = family_layer_map(model.config.model_type)
+    if lmap.bert_self_attention is None:
+        return 0
+    merged = 0
+    for layer in transformer_layers(model):
+        members = [layer.get_submodule(name) for name in lmap.attention_in]
+        if not all(isinstance(m, SparseInt8Linear) and m.out_features % _BLOCK == 0 for m in members):
+            continue
+        parent, _, child = lmap.bert_self_attention.rpartition(".")
+        attention = layer.get_submodule(lmap.bert_self_attention)
+        setattr(layer.get_submodule(parent), child, MergedQKVSelfAttention(attention, members))
+        merged += 1
+    return merged
+
+
 # --------------------------------------------------------------------------------------------- backend
 
 
@@ -181,6 +264,7 @@ def sparse(artifact: Artifact, batch_size: int, seq_len: int) -> Runner:
             f"backend sparse needs an int8 artifact (one of {list(INT8_SCHEMES)}); {artifact.path} has"
             f" scheme {artifact.scheme!r}. Use eager or native, or re-export with int8 quantization"
         )
+    steps = fusion_steps()
     modules = artifact.quantized_modules
     if not modules:
         raise BackendError(f"{artifact.path}: scheme {artifact.scheme} but quantization.modules is empty")
@@ -191,7 +275,9 @@ def sparse(artifact: Artifact, batch_size: int, seq_len: int) -> Runner:
         ranges = observe_input_ranges(model, modules, artifact, batch_size, seq_len)
     packed = artifact.packed_weights()
     replaced = replace_linears(model.model, artifact.state_dict(), modules, ranges, packed)
-    return Runner(compile_frozen(model), _describe(artifact, replaced, packed_at_export=packed is not None))
+    merged = merge_query_key_value(model.model) if "qkv" in steps else 0
+    description = _describe(artifact, replaced, packed_at_export=packed is not None, merged_layers=merged)
+    return Runner(compile_frozen(model, skip_guards="unguarded" in steps), description)
 
 
 def observe_input_ranges(
@@ -251,7 +337,9 @@ def replace_linears(
     return replaced
 
 
-def _describe(artifact: Artifact, replaced: list[SparseInt8Linear], packed_at_export: bool) -> str:
+def _describe(
+    artifact: Artifact, replaced: list[SparseInt8Linear], packed_at_export: bool, merged_layers: int
+) -> str:
     """Name the scheme, kernel path and the work left after pruning (stored blocks / dense blocks)."""
     dense = sum(m.packed.out_features * m.in_features for m in replaced)
     stored = sum(m.packed.density * m.packed.out_features * m.in_features for m in replaced)
@@ -260,6 +348,8 @@ def _describe(artifact: Artifact, replaced: list[SparseInt8Linear], packed_at_ex
         kind = "static (ranges learned in training)"
     path = kernel_path()
     packing = "packed at export" if packed_at_export else "packed at load"
+    if merged_layers:
+        packing += f", query/key/value as one GEMM in {merged_layers} layers"
     return (
         f"sparse {kind} int8 ({len(replaced)} Linears on the 4x1 block-sparse {path} kernel, {packing},"
         f" block density {stored / dense:.0%}; rest inductor, freezing)"
@@ -267,11 +357,17 @@ def _describe(artifact: Artifact, replaced: list[SparseInt8Linear], packed_at_ex
 
 
 __all__ = [
+    "FUSION_ENV",
+    "FUSION_STEPS",
+    "MergedQKVSelfAttention",
     "SparseInt8Linear",
+    "fusion_steps",
+    "merge_query_key_value",
     "observe_input_ranges",
     "qparams_from_range",
     "quantize_uint8",
     "replace_linears",
     "sparse_available",
     "sparse_linear_op",
+    "stack_linears",
 ]

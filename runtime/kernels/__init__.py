@@ -13,6 +13,7 @@ from .sparse import (
     pack_linear,
     sparse_int8_gemm,
     sparse_linear,
+    stack_rows,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "pack_linear",
     "sparse_int8_gemm",
     "sparse_linear",
+    "stack_rows",
 ]

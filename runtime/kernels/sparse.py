@@ -183,6 +183,24 @@ def pack_linear(weight: torch.Tensor) -> PackedWeight:
     return pack_4x1(torch.cat([weight, weight.new_zeros(pad, weight.shape[1])]) if pad else weight)
 
 
+def stack_rows(packs: list[PackedWeight]) -> PackedWeight:
+    """One packing whose output rows are those of `packs` in order: [W1; W2; ...] for weights that read
+    the same input (a layer's query, key and value), so one kernel call computes them all."""
+    if len({p.in_features for p in packs}) != 1:
+        raise ValueError(f"stack_rows: the weights read different widths {[p.in_features for p in packs]}")
+    offsets = [0]
+    for p in packs:
+        offsets.append(offsets[-1] + p.col_idx.shape[0])
+    row_ptr = [p.row_ptr[:-1] + start for p, start in zip(packs, offsets, strict=False)]
+    return PackedWeight(
+        row_ptr=torch.cat([*row_ptr, torch.tensor([offsets[-1]], dtype=torch.int32)]).to(torch.int32),
+        col_idx=torch.cat([p.col_idx for p in packs]).contiguous(),
+        values=torch.cat([p.values for p in packs]).contiguous(),
+        row_sums=torch.cat([p.row_sums for p in packs]).contiguous(),
+        shape=torch.tensor([sum(p.out_features for p in packs), packs[0].in_features], dtype=torch.int64),
+    )
+
+
 def _check_x(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
     if x.dtype != torch.uint8:
         raise TypeError(f"activations must be uint8, got {x.dtype}")
