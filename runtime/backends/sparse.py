@@ -152,12 +152,16 @@ class SparseInt8Linear(nn.Module):
                 self.register_buffer(name, tensor)
         self.register_buffer("weight_scale", scale.contiguous())
         self.register_buffer("bias", full_bias)
-        self.dynamic = x_range is None
         self.x_range = x_range
         if x_range is not None:
             x_scale, x_zero_point = qparams_from_range(torch.tensor(x_range[0]), torch.tensor(x_range[1]))
             self.register_buffer("x_scale", x_scale)
             self.register_buffer("x_zero_point", x_zero_point)
+
+    @property
+    def dynamic(self) -> bool:
+        """Activation qparams from each call's input (no fixed range)."""
+        return self.x_range is None
 
     def extra_repr(self) -> str:
         kind = "dynamic" if self.dynamic else "static"
