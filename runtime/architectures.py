@@ -28,6 +28,9 @@ class LayerMap:
     # the module owning query, key and value when its forward is BertSelfAttention's (encoder only):
     # the sparse backend then runs the three as one GEMM there
     bert_self_attention: str | None = None
+    # the activation module between ffn_in and ffn_out (None when gated): the sparse backend folds an
+    # erf GELU there into ffn_in's epilogue
+    ffn_activation: str | None = None
 
     @property
     def stages(self) -> tuple[tuple[str, ...], ...]:
@@ -52,6 +55,7 @@ _BERT = LayerMap(
     ffn_in="intermediate.dense",
     ffn_out="output.dense",
     bert_self_attention="attention.self",
+    ffn_activation="intermediate.intermediate_act_fn",
 )
 
 LAYER_MAPS: dict[str, LayerMap] = {
@@ -65,6 +69,7 @@ LAYER_MAPS: dict[str, LayerMap] = {
         attention_out="attention.out_lin",
         ffn_in="ffn.lin1",
         ffn_out="ffn.lin2",
+        ffn_activation="ffn.activation",
     ),
     "deberta-v2": LayerMap(  # DeBERTa-v3; its attention reshapes by a stored head count
         layers="encoder.layer",
@@ -73,6 +78,7 @@ LAYER_MAPS: dict[str, LayerMap] = {
         ffn_in="intermediate.dense",
         ffn_out="output.dense",
         head_count="attention.self",
+        ffn_activation="intermediate.intermediate_act_fn",
     ),
     "modernbert": LayerMap(  # fused QKV, GLU feed-forward, layer 0 without its attention LayerNorm
         layers="layers",

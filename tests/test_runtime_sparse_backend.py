@@ -148,6 +148,23 @@ def test_merged_query_key_value_gives_the_unmerged_outputs(artifacts, static_ses
         torch.testing.assert_close(merged[name], unmerged[name], rtol=1e-5, atol=1e-5)
 
 
+def test_gelu_epilogue_answers_as_separate_gelu_and_quantize(
+    artifacts, static_session, qa_inputs, monkeypatch
+):
+    """GELU and the second FFN Linear's quantization inside the first one's epilogue (the default) give
+    the logits of the graph that runs them as separate ops: the same uint8 values but for rare one-step
+    rounding differences of the erf approximation."""
+    layers = load_artifact(artifacts["static_int8"]).model_config["num_hidden_layers"]
+    assert f"GELU + requantize in the FFN's first GEMM in {layers} layers" in static_session.description
+    monkeypatch.setenv(FUSION_ENV, "unguarded")
+    separate = create_session(artifacts["static_int8"], "sparse", batch_size=BATCH, seq_len=SEQ)
+    assert "GELU" not in separate.description
+    fused, unfused = static_session.run(qa_inputs), separate.run(qa_inputs)
+    for name in fused:
+        assert cosine(fused[name], unfused[name]) >= 0.999, name
+        torch.testing.assert_close(fused[name], unfused[name], rtol=0.05, atol=0.05)
+
+
 def test_unknown_fusion_cap_is_one_clear_error(artifacts, monkeypatch):
     monkeypatch.setenv(FUSION_ENV, "everything")
     with pytest.raises(ValueError, match="FASTCPU_SPARSE_FUSION='everything' is not a fusion step; allowed"):
@@ -210,6 +227,8 @@ def test_sparse_is_close_to_native_static_int8(artifacts, static_session, qa_inp
 def test_dynamic_scheme(artifacts, qa_inputs, reference):
     session = create_session(artifacts["dynamic_int8"], "sparse", batch_size=BATCH, seq_len=SEQ)
     assert session.description.startswith("sparse dynamic int8")
+    # each FFN input's range comes from that input, unknown before GELU ran: no GELU epilogue
+    assert "GELU" not in session.description
     out = session.run(qa_inputs)
     for name, expected in reference.items():
         assert cosine(out[name], expected) >= 0.99, name

@@ -30,10 +30,11 @@ _X86 = ("x86_64", "amd64", "i386", "i686")
 _UINT8_MAX = 255
 _BLOCK = 4
 # The steps of the fused sparse encoder, in the order they were added: "qkv" runs a layer's query, key and
-# value as one GEMM; "unguarded" calls the compiled graph without evaluating dynamo's guards.
+# value as one GEMM; "unguarded" calls the compiled graph without evaluating dynamo's guards; "gelu" applies
+# the FFN's GELU and the second FFN Linear's input quantization in the first one's epilogue.
 # FASTCPU_SPARSE_FUSION caps them, as FASTCPU_SPARSE_MAX_ISA caps the kernel's ISA, so a benchmark can
 # measure what each step buys.
-FUSION_STEPS = ("none", "qkv", "unguarded")
+FUSION_STEPS = ("none", "qkv", "unguarded", "gelu")
 FUSION_ENV = "FASTCPU_SPARSE_FUSION"
 
 
@@ -64,12 +65,16 @@ def sparse_linear_op(
     row_sums: torch.Tensor,
     weight_scale: torch.Tensor,
     bias: torch.Tensor,
+    gelu_out_scale: torch.Tensor | None = None,
+    gelu_out_zero_point: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """float32 [n, out] = dequant(x uint8 [n, in]) @ dequant(W)^T + bias, W given as its 4x1 packing.
+    """float32 [n, out] = dequant(x uint8 [n, in]) @ dequant(W)^T + bias, W given as its 4x1 packing; with
+    the gelu_out pair, uint8 quantize(GELU(that)) instead.
 
     Every argument is a tensor (custom ops cannot take a PackedWeight); the activation scale and zero point
     are 0-d tensors so a dynamically computed pair stays inside the compiled graph (no .item() there).
     """
+    gelu_out = None if gelu_out_scale is None else (float(gelu_out_scale), int(gelu_out_zero_point))
     return load_extension().sparse_linear(
         x.contiguous(),
         float(x_scale),
@@ -82,6 +87,7 @@ def sparse_linear_op(
         bias,
         weight_scale.shape[0],
         kernel_path(),
+        *(gelu_out or (0.0, 0)),
     )
 
 
@@ -96,9 +102,12 @@ def _sparse_linear_fake(
     row_sums: torch.Tensor,
     weight_scale: torch.Tensor,
     bias: torch.Tensor,
+    gelu_out_scale: torch.Tensor | None = None,
+    gelu_out_zero_point: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Shape-only version for tracing: one float32 row per activation row, one column per output."""
-    return x.new_empty((x.shape[0], weight_scale.shape[0]), dtype=torch.float32)
+    """Shape-only version for tracing: one row per activation row, one column per output."""
+    dtype = torch.float32 if gelu_out_scale is None else torch.uint8
+    return x.new_empty((x.shape[0], weight_scale.shape[0]), dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------- module
@@ -123,7 +132,8 @@ class SparseInt8Linear(nn.Module):
     """Drop-in for an nn.Linear whose int8 weight runs on the block-sparse kernel.
 
     The packed weight lives in buffers so freezing turns it into graph constants. `x_range` fixes the
-    activation qparams (static schemes); None computes them from each call's input (dynamic).
+    activation qparams (static schemes); None computes them from each call's input (dynamic). A uint8
+    input is taken as already quantized with this Linear's qparams (by the previous one's epilogue).
     """
 
     def __init__(
@@ -153,6 +163,9 @@ class SparseInt8Linear(nn.Module):
         self.register_buffer("weight_scale", scale.contiguous())
         self.register_buffer("bias", full_bias)
         self.x_range = x_range
+        # the next Linear's input qparams when this one's epilogue applies GELU and quantizes for it
+        self.register_buffer("gelu_out_scale", None)
+        self.register_buffer("gelu_out_zero_point", None)
         if x_range is not None:
             x_scale, x_zero_point = qparams_from_range(torch.tensor(x_range[0]), torch.tensor(x_range[1]))
             self.register_buffer("x_scale", x_scale)
@@ -165,17 +178,26 @@ class SparseInt8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "dynamic" if self.dynamic else "static"
-        return f"{self.in_features}, {self.out_features}, {kind}, density={self.packed.density:.2f}"
+        gelu = ", then GELU to uint8" if self.gelu_out_scale is not None else ""
+        return f"{self.in_features}, {self.out_features}, {kind}, density={self.packed.density:.2f}{gelu}"
+
+    def emit_gelu_for(self, consumer: SparseInt8Linear) -> None:
+        """Output uint8 GELU(y), quantized with `consumer`'s (static) input qparams, for it to read."""
+        if consumer.dynamic:
+            raise BackendError("a GELU epilogue needs the consuming Linear's static activation range")
+        self.gelu_out_scale, self.gelu_out_zero_point = consumer.x_scale, consumer.x_zero_point
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if self.dynamic:
+        if x.dtype == torch.uint8:
+            x_scale, x_zero_point = self.x_scale, self.x_zero_point
+        elif self.dynamic:
             lo, hi = torch.aminmax(rows)
             x_scale, x_zero_point = qparams_from_range(lo, hi)
         else:
             x_scale, x_zero_point = self.x_scale, self.x_zero_point
         y = torch.ops.fastcpu.sparse_linear(
-            quantize_uint8(rows, x_scale, x_zero_point),
+            rows if x.dtype == torch.uint8 else quantize_uint8(rows, x_scale, x_zero_point),
             x_scale,
             x_zero_point,
             self.row_ptr,
@@ -184,6 +206,8 @@ class SparseInt8Linear(nn.Module):
             self.row_sums,
             self.weight_scale,
             self.bias,
+            self.gelu_out_scale,
+            self.gelu_out_zero_point,
         )
         if y.shape[1] != self.out_features:
             y = y[:, : self.out_features]
@@ -256,6 +280,39 @@ def merge_query_key_value(model: nn.Module) -> int:
     return merged
 
 
+def is_erf_gelu(activation: nn.Module) -> bool:
+    """GELU in its exact (erf) form, the one the kernel's epilogue computes."""
+    from transformers.activations import GELUActivation
+
+    if isinstance(activation, nn.GELU):
+        return activation.approximate == "none"
+    return isinstance(activation, GELUActivation) and activation.act is nn.functional.gelu
+
+
+def fuse_ffn_gelu(model: nn.Module) -> int:
+    """In each layer whose FFN Linears both run on the sparse kernel with a static range around an erf
+    GELU, make the first emit uint8 GELU output for the second (the GELU module becomes Identity);
+    returns how many layers were fused."""
+    lmap = family_layer_map(model.config.model_type)
+    if lmap.ffn_activation is None:
+        return 0
+    fused = 0
+    for layer in transformer_layers(model):
+        ffn_in, ffn_out = layer.get_submodule(lmap.ffn_in), layer.get_submodule(lmap.ffn_out)
+        if not (
+            isinstance(ffn_in, SparseInt8Linear)
+            and isinstance(ffn_out, SparseInt8Linear)
+            and not ffn_out.dynamic
+            and is_erf_gelu(layer.get_submodule(lmap.ffn_activation))
+        ):
+            continue
+        ffn_in.emit_gelu_for(ffn_out)
+        parent, _, child = lmap.ffn_activation.rpartition(".")
+        setattr(layer.get_submodule(parent), child, nn.Identity())
+        fused += 1
+    return fused
+
+
 # --------------------------------------------------------------------------------------------- backend
 
 
@@ -280,7 +337,8 @@ def sparse(artifact: Artifact, batch_size: int, seq_len: int) -> Runner:
     packed = artifact.packed_weights()
     replaced = replace_linears(model.model, artifact.state_dict(), modules, ranges, packed)
     merged = merge_query_key_value(model.model) if "qkv" in steps else 0
-    description = _describe(artifact, replaced, packed_at_export=packed is not None, merged_layers=merged)
+    gelu = fuse_ffn_gelu(model.model) if "gelu" in steps else 0
+    description = _describe(artifact, replaced, packed is not None, merged_layers=merged, gelu_layers=gelu)
     return Runner(compile_frozen(model, skip_guards="unguarded" in steps), description)
 
 
@@ -342,7 +400,11 @@ def replace_linears(
 
 
 def _describe(
-    artifact: Artifact, replaced: list[SparseInt8Linear], packed_at_export: bool, merged_layers: int
+    artifact: Artifact,
+    replaced: list[SparseInt8Linear],
+    packed_at_export: bool,
+    merged_layers: int,
+    gelu_layers: int,
 ) -> str:
     """Name the scheme, kernel path and the work left after pruning (stored blocks / dense blocks)."""
     dense = sum(m.packed.out_features * m.in_features for m in replaced)
@@ -354,6 +416,8 @@ def _describe(
     packing = "packed at export" if packed_at_export else "packed at load"
     if merged_layers:
         packing += f", query/key/value as one GEMM in {merged_layers} layers"
+    if gelu_layers:
+        packing += f", GELU + requantize in the FFN's first GEMM in {gelu_layers} layers"
     return (
         f"sparse {kind} int8 ({len(replaced)} Linears on the 4x1 block-sparse {path} kernel, {packing},"
         f" block density {stored / dense:.0%}; rest inductor, freezing)"
@@ -365,7 +429,9 @@ __all__ = [
     "FUSION_STEPS",
     "MergedQKVSelfAttention",
     "SparseInt8Linear",
+    "fuse_ffn_gelu",
     "fusion_steps",
+    "is_erf_gelu",
     "merge_query_key_value",
     "observe_input_ranges",
     "qparams_from_range",

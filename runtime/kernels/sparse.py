@@ -226,13 +226,16 @@ def sparse_linear(
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     path: str | None = None,
+    gelu_out: tuple[float, int] | None = None,
 ) -> torch.Tensor:
     """float32 [n, out] = (x - zp) * x_scale @ (w * weight_scale)^T + bias, fused into the GEMM's stores.
 
-    The zero point is removed as acc - zp * row_sums[o], so x stays uint8 all the way."""
+    The zero point is removed as acc - zp * row_sums[o], so x stays uint8 all the way. `gelu_out`, the
+    (scale, zero point) of the next Linear's input, makes it uint8 quantize(GELU(y)) instead: an FFN's
+    inner activations then never exist in float32."""
     x = _check_x(x_uint8, packed)
     p = packed
-    scale = weight_scale.to(torch.float32)
+    out_scale, out_zero_point = gelu_out or (0.0, 0)
     return load_extension().sparse_linear(
         x,
         float(x_scale),
@@ -241,8 +244,10 @@ def sparse_linear(
         p.col_idx,
         p.values,
         p.row_sums,
-        scale,
+        weight_scale.to(torch.float32),
         bias,
         p.out_features,
         path or kernel_path(),
+        float(out_scale),
+        int(out_zero_point),
     )

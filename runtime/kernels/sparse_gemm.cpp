@@ -13,11 +13,15 @@
 //   avx512_vnni : 64 tokens x 4 rows per register tile, vpdpbusd (u8 x s8, exact in int32)
 //   avx2        : vpmovzxbw + vpmaddwd (int16 products summed in int32, never saturates; unlike vpmaddubsw)
 //   scalar      : portable reference loops
+//
+// The fused epilogue turns the accumulators into the Linear's float32 output; for an FFN's first Linear it can go
+// on to GELU and requantize to the uint8 the next sparse Linear reads, so that [n, ffn] never exists in float32.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -41,6 +45,10 @@ struct Epilogue {
   const int32_t* row_sums = nullptr;   // [out]
   const float* scale = nullptr;        // [out], x_scale * weight_scale (precomputed)
   const float* bias = nullptr;         // [out] (zeros when the Linear has no bias)
+  // GELU, then uint8 = clamp(round(gelu * out_inv_scale) + out_zero_point): y is uint8 [n, out]
+  bool gelu_u8 = false;
+  float out_inv_scale = 1.0f;
+  float out_zero_point = 0.0f;
 };
 
 struct Problem {
@@ -49,9 +57,16 @@ struct Problem {
   const int32_t* row_ptr;
   const int32_t* col_idx;
   const int8_t* values;
-  void* y;                // [n, out] int32 or float32
+  void* y;                // [n, out] int32, float32 or uint8
   Epilogue ep;
 };
+
+// GELU (erf form, as nn.GELU()) and the requantization, one element: the reference for the vector code.
+inline uint8_t gelu_quantize(const Epilogue& ep, float v) {
+  const float g = 0.5f * v * (1.0f + std::erf(v * float(M_SQRT1_2)));
+  const float q = std::nearbyint(g * ep.out_inv_scale) + ep.out_zero_point;
+  return uint8_t(std::min(255.0f, std::max(0.0f, q)));
+}
 
 // The value stored for output o: the raw accumulator, or the fused epilogue's float32 (as its bit pattern, so
 // both outputs go through the same int32 buffers).
@@ -80,7 +95,17 @@ void gemm_scalar(const Problem& p) {
             for (int i = 0; i < 4; ++i) acc[i] += xv * int32_t(w[4 * i + b]);
           }
         }
-        for (int i = 0; i < 4; ++i) static_cast<int32_t*>(p.y)[t * p.out + 4 * r + i] = finish(p, 4 * r + i, acc[i]);
+        for (int i = 0; i < 4; ++i) {
+          const int64_t o = 4 * r + i;
+          const int32_t bits = finish(p, o, acc[i]);
+          if (p.ep.gelu_u8) {
+            float v;
+            std::memcpy(&v, &bits, 4);
+            static_cast<uint8_t*>(p.y)[t * p.out + o] = gelu_quantize(p.ep, v);
+          } else {
+            static_cast<int32_t*>(p.y)[t * p.out + o] = bits;
+          }
+        }
       }
     }
   });
@@ -279,8 +304,71 @@ __attribute__((target("avx512f"))) void copy_out_stream(const Problem& p, const 
       _mm512_stream_si512(reinterpret_cast<__m512i*>(y + t * p.out) + l, _mm512_load_si512(buf + t * kBufLd + 16 * l));
 }
 
+// exp(x) for x <= 0 (the only arguments erf needs): 2^n * e^r with r = x - n ln 2 in [-ln2/2, ln2/2] (split
+// into two constants so r stays exact) and a degree-6 Taylor polynomial of e^r (relative error ~1e-7).
+__attribute__((target("avx512f"))) inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 e = _mm512_set1_ps(1.0f / 720);
+  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(e, n);
+}
+
+// GELU(v) = v/2 (1 + erf(v / sqrt 2)), erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7, far
+// under one uint8 step), then the same rounding (half to even) and clamp as gelu_quantize.
+__attribute__((target("avx512f"))) inline __m128i gelu_quantize16(const Epilogue& ep, __m512 v) {
+  const __m512 z = _mm512_abs_ps(_mm512_mul_ps(v, _mm512_set1_ps(float(M_SQRT1_2))));
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(z, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
+  __m512 poly = _mm512_set1_ps(1.061405429f);
+  for (const float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f})
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(c));
+  poly = _mm512_mul_ps(poly, t);
+  const __m512 erf_abs = _mm512_fnmadd_ps(poly, exp_nonpositive(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), z)),
+                                          _mm512_set1_ps(1.0f));
+  // 1 + erf(v/sqrt2): 1 + erf_abs for v >= 0, 1 - erf_abs below
+  const __mmask16 negative = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
+  const __m512 one_plus_erf = _mm512_mask_sub_ps(_mm512_add_ps(_mm512_set1_ps(1.0f), erf_abs), negative,
+                                                 _mm512_set1_ps(1.0f), erf_abs);
+  const __m512 g = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), one_plus_erf);
+  __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(g, _mm512_set1_ps(ep.out_inv_scale)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  q = _mm512_add_ps(q, _mm512_set1_ps(ep.out_zero_point));
+  q = _mm512_min_ps(_mm512_max_ps(q, _mm512_setzero_ps()), _mm512_set1_ps(255.0f));
+  return _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q));
+}
+
+// GELU + requantize the valid tokens' rows of a chunk buffer (float32, width outputs each) into uint8 Y.
+__attribute__((target("avx512f"))) void copy_out_gelu_u8_avx512(const Problem& p, const int32_t* buf,
+                                                                         int64_t valid, uint8_t* y, int64_t width) {
+  for (int64_t t = 0; t < valid; ++t) {
+    const float* row = reinterpret_cast<const float*>(buf + t * kBufLd);
+    int64_t c = 0;
+    for (; c + 16 <= width; c += 16)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(y + t * p.out + c), gelu_quantize16(p.ep, _mm512_loadu_ps(row + c)));
+    if (c < width) {  // the chunk's last 4, 8 or 12 outputs
+      alignas(16) uint8_t tail[16];
+      const __mmask16 m = __mmask16((1u << (width - c)) - 1);
+      _mm_store_si128(reinterpret_cast<__m128i*>(tail), gelu_quantize16(p.ep, _mm512_maskz_loadu_ps(m, row + c)));
+      std::memcpy(y + t * p.out + c, tail, width - c);
+    }
+  }
+}
+
+void copy_out_gelu_u8(const Problem& p, const int32_t* buf, int64_t valid, uint8_t* y, int64_t width) {
+  if (cpu_supports_avx512()) return copy_out_gelu_u8_avx512(p, buf, valid, y, width);
+  for (int64_t t = 0; t < valid; ++t) {
+    const float* row = reinterpret_cast<const float*>(buf + t * kBufLd);
+    for (int64_t c = 0; c < width; ++c) y[t * p.out + c] = gelu_quantize(p.ep, row[c]);
+  }
+}
+
 void copy_out(const Problem& p, const int32_t* buf, int64_t token0, int64_t r0, int64_t r1, bool stream) {
   const int64_t valid = std::min<int64_t>(kTile, p.n - token0);
+  if (p.ep.gelu_u8)
+    return copy_out_gelu_u8(p, buf, valid, static_cast<uint8_t*>(p.y) + token0 * p.out + 4 * r0, 4 * (r1 - r0));
   int32_t* y = static_cast<int32_t*>(p.y) + token0 * p.out + 4 * r0;
   if (stream && (r1 - r0) % 4 == 0) return copy_out_stream(p, buf, valid, y, (r1 - r0) / 4);
   for (int64_t t = 0; t < valid; ++t) std::memcpy(y + t * p.out, buf + t * kBufLd, 16 * (r1 - r0));
@@ -296,7 +384,7 @@ void gemm_tiled(const Problem& p, const Block& block) {
   const int64_t R = p.out / 4, chunks = (R + kChunkRows - 1) / kChunkRows;
   // An output much larger than L2 is written with streaming stores: it is not re-read soon, and skipping the
   // read-for-ownership of every line saves a third of the memory traffic.
-  const bool stream = p.n * p.out * 4 > (int64_t(4) << 20) && p.out % 16 == 0 &&
+  const bool stream = !p.ep.gelu_u8 && p.n * p.out * 4 > (int64_t(4) << 20) && p.out % 16 == 0 &&
                       reinterpret_cast<uintptr_t>(p.y) % 64 == 0 && cpu_supports_avx512();
   at::parallel_for(0, tiles * chunks, 1, [&](int64_t i0, int64_t i1) {
     thread_local std::vector<uint8_t> xt_storage;
@@ -423,7 +511,7 @@ at::Tensor sparse_int8_gemm(const at::Tensor& x, const at::Tensor& row_ptr, cons
 at::Tensor sparse_linear(const at::Tensor& x, double x_scale, int64_t x_zero_point, const at::Tensor& row_ptr,
                          const at::Tensor& col_idx, const at::Tensor& values, const at::Tensor& row_sums,
                          const at::Tensor& weight_scale, const c10::optional<at::Tensor>& bias, int64_t out,
-                         const std::string& path) {
+                         const std::string& path, double gelu_out_scale, int64_t gelu_out_zero_point) {
   check_inputs(x, row_ptr, col_idx, values, out);
   TORCH_CHECK(row_sums.scalar_type() == at::kInt && row_sums.numel() == out && row_sums.is_contiguous(),
               "sparse_linear: row_sums must be int32 [out]");
@@ -438,10 +526,14 @@ at::Tensor sparse_linear(const at::Tensor& x, double x_scale, int64_t x_zero_poi
   } else {
     b = at::zeros({out}, at::kFloat);
   }
-  at::Tensor y = at::empty({x.size(0), out}, at::kFloat);
+  const bool gelu_u8 = gelu_out_scale > 0;
+  at::Tensor y = at::empty({x.size(0), out}, gelu_u8 ? at::kByte : at::kFloat);
   Problem p = make_problem(x, row_ptr, col_idx, values, out);
-  p.y = y.data_ptr<float>();
+  p.y = y.data_ptr();
   p.ep.fused = true;
+  p.ep.gelu_u8 = gelu_u8;
+  p.ep.out_inv_scale = 1.0f / float(gelu_out_scale);
+  p.ep.out_zero_point = float(gelu_out_zero_point);
   p.ep.zero_point = int32_t(x_zero_point);
   p.ep.row_sums = row_sums.data_ptr<int32_t>();
   p.ep.scale = scale.data_ptr<float>();
@@ -454,6 +546,11 @@ at::Tensor sparse_linear(const at::Tensor& x, double x_scale, int64_t x_zero_poi
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_int8_gemm", &sparse_int8_gemm, "4x1 block-sparse int8 GEMM, int32 accumulators");
-  m.def("sparse_linear", &sparse_linear, "4x1 block-sparse int8 Linear with zero-point, scales and bias");
+  m.def("sparse_linear", &sparse_linear,
+        "4x1 block-sparse int8 Linear with zero-point, scales and bias; float32 out, or GELU requantized to "
+        "uint8 when gelu_out_scale > 0",
+        py::arg("x"), py::arg("x_scale"), py::arg("x_zero_point"), py::arg("row_ptr"), py::arg("col_idx"),
+        py::arg("values"), py::arg("row_sums"), py::arg("weight_scale"), py::arg("bias"), py::arg("out"),
+        py::arg("path"), py::arg("gelu_out_scale") = 0.0, py::arg("gelu_out_zero_point") = 0);
   m.def("available_paths", &available_paths, "code paths this CPU can run, fastest first");
 }
