@@ -101,7 +101,7 @@ def test_main_experiment_settings():
         ("runtime.backend=tensorrt", "runtime.backend='tensorrt' is not available; available: auto, eager"),
         ("student.layers=[0,0]", "student.layers=[0, 0] repeats a layer"),
         ("task.doc_stride=500", "task.doc_stride"),
-        ("training.precision=fp8", "training.precision='fp8' is not allowed; allowed: fp32, bf16"),
+        ("training.precision=fp8", "training.precision='fp8' is not allowed; allowed: auto, fp32, bf16"),
         ("tracking.log_models=some", "tracking.log_models='some' is not one of best, all, none"),
         ("tracking.registered_model=''", "tracking.registered_model is an empty string; use null"),
     ],

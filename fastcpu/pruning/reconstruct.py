@@ -35,6 +35,7 @@ from torch.utils.hooks import RemovableHandle
 from fastcpu_runtime.architectures import layer_map, layers_prefix, transformer_layers
 
 from ..config import check_range
+from ..training import training_autocast
 from .base import PRUNERS
 from .masks import (
     BLOCK,
@@ -203,7 +204,7 @@ def _input_energy(
     hooks = [module.register_forward_pre_hook(accumulate(name)) for name, module in linears.items()]
     try:
         for inputs in calibration:
-            with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16):
+            with training_autocast("auto", next(model.parameters()).device):
                 model(**inputs)
     finally:
         for hook in hooks:
@@ -243,11 +244,11 @@ def _hidden_states(call: tuple[tuple, dict]) -> torch.Tensor:
 
 
 def _run_layer(layer: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:
-    """The layer's output hidden states for input `hidden`, called as the model calls it, in bf16
-    autocast as in training."""
+    """The layer's output hidden states for input `hidden`, called as the model calls it, in the autocast
+    training uses by default (bf16 where the device has it natively)."""
     args, kwargs = call
     args, kwargs = ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
-    with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
+    with training_autocast("auto", hidden.device):
         output = layer(*args, **kwargs)
     return output[0] if isinstance(output, tuple) else output
 
