@@ -103,14 +103,28 @@ def bf16_attention(
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
+def key_padding_mask(**kwargs: Any) -> torch.Tensor | None:
+    """An encoder's padding mask as boolean [B, 1, 1, S] (True = attend), which broadcasts over heads and
+    queries, instead of sdpa_mask's [B, 1, S, S] built from index arithmetic: inductor fuses the softmax
+    with a row mask into one vectorized pass (the index form cost 2.7 ms a layer at batch 8, seq 128).
+    Masks that are not plain bidirectional padding (sliding windows, packed sequences) stay sdpa_mask's."""
+    from transformers.masking_utils import bidirectional_mask_function, sdpa_mask
+
+    padding = kwargs.get("attention_mask")
+    if kwargs.get("mask_function") is not bidirectional_mask_function or padding is None or padding.ndim != 2:
+        return sdpa_mask(**kwargs)
+    return padding.to(torch.bool)[:, None, None, :]
+
+
 def _register_fast_attention() -> None:
-    """Make BF16_ATTENTION and BF16_SDPA valid attn_implementations; they take sdpa's boolean masks."""
+    """Make BF16_ATTENTION and BF16_SDPA valid attn_implementations; they take boolean masks that
+    broadcast to [B, H, S, S]."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     for name, fused in ((BF16_ATTENTION, False), (BF16_SDPA, True)):
         AttentionInterface.register(name, functools.partial(bf16_attention, fused=fused))
-        AttentionMaskInterface.register(name, sdpa_mask)
+        AttentionMaskInterface.register(name, key_padding_mask)
 
 
 def dequantized_state_dict(state: dict[str, torch.Tensor], modules: list[str]) -> dict[str, torch.Tensor]:

@@ -20,7 +20,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("sparse_gemm.cpp")
+# one extension: the sparse GEMM, the fused attention, and what they share (kernels.h, rebuilt by ninja's deps)
+_SOURCES = [Path(__file__).with_name(name) for name in ("sparse_gemm.cpp", "attention.cpp")]
 PATHS = ("avx512_vnni", "avx2", "scalar")  # fastest first
 # Caps the code path, like oneDNN's ONEDNN_MAX_CPU_ISA: to compare paths, or to run as on an older CPU.
 MAX_ISA_ENV = "FASTCPU_SPARSE_MAX_ISA"
@@ -53,7 +54,7 @@ def load_extension() -> ModuleType:
             # No -march: each SIMD path has its own target attribute, so one binary runs on any x86-64.
             _ext = load(
                 name=_EXT_NAME,
-                sources=[str(_SOURCE)],
+                sources=[str(source) for source in _SOURCES],
                 extra_cflags=["-O2", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(_build_dir()),

@@ -32,7 +32,14 @@
 #include <immintrin.h>
 #endif
 
+#include "kernels.h"
+
 namespace {
+
+using fastcpu::cpu_supports_avx512;
+#ifdef FASTCPU_X86
+using fastcpu::exp_nonpositive;
+#endif
 
 constexpr int64_t kTile = 64;  // tokens per activation tile (one 64-byte cache line per XT row)
 
@@ -291,30 +298,12 @@ __attribute__((target("avx2"))) void block_avx2(const Problem& p, const uint8_t*
   }
 }
 
-bool cpu_supports_avx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f");
-}
-
 // Copy the valid tokens' rows of a chunk buffer to Y (int32 or float32, both 4 bytes).
 __attribute__((target("avx512f"))) void copy_out_stream(const Problem& p, const int32_t* buf, int64_t valid,
                                                         int32_t* y, int64_t lines) {
   for (int64_t t = 0; t < valid; ++t)
     for (int64_t l = 0; l < lines; ++l)
       _mm512_stream_si512(reinterpret_cast<__m512i*>(y + t * p.out) + l, _mm512_load_si512(buf + t * kBufLd + 16 * l));
-}
-
-// exp(x) for x <= 0 (the only arguments erf needs): 2^n * e^r with r = x - n ln 2 in [-ln2/2, ln2/2] (split
-// into two constants so r stays exact) and a degree-6 Taylor polynomial of e^r (relative error ~1e-7).
-__attribute__((target("avx512f"))) inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 e = _mm512_set1_ps(1.0f / 720);
-  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(e, n);
 }
 
 // GELU(v) = v/2 (1 + erf(v / sqrt 2)), erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7, far
@@ -552,5 +541,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("x_scale"), py::arg("x_zero_point"), py::arg("row_ptr"), py::arg("col_idx"),
         py::arg("values"), py::arg("row_sums"), py::arg("weight_scale"), py::arg("bias"), py::arg("out"),
         py::arg("path"), py::arg("gelu_out_scale") = 0.0, py::arg("gelu_out_zero_point") = 0);
+  m.def("fused_attention", &fastcpu::fused_attention,
+        "softmax(q k^T * scale) v per (batch, head) with a [B, S] key mask; float32 [B, S, H, D] out",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_mask"), py::arg("scale"), py::arg("vectorized"));
   m.def("available_paths", &available_paths, "code paths this CPU can run, fastest first");
 }
