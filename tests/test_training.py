@@ -23,6 +23,7 @@ from fastcpu.training import (
     training_autocast,
     trim_padding,
 )
+from fastcpu_runtime.cpu import cpu_flags
 
 
 @pytest.fixture(scope="module")
@@ -194,13 +195,6 @@ def test_training_dropout_applies_while_training_and_the_model_gets_its_own_back
     train(student, task, features, config, seed=0, methods=[probe])
     assert probe.seen == seen
     assert dropout_probabilities(student) == {0.1}
-
-
-def cpu_flags() -> set[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU's flags from /proc/cpuinfo")
