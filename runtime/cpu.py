@@ -24,3 +24,10 @@ def cpu_model() -> str:
 
 def cpu_flags() -> frozenset[str]:
     return frozenset(_first_processor().get("flags", "").split())
+
+
+def int8_dot_product() -> bool:
+    """Whether the CPU multiplies u8 x s8 into int32 in one step (AVX-512 VNNI, AVX-VNNI or AMX). Without
+    it oneDNN adds pairs of u8 x s8 products in int16 (vpmaddubsw), which saturates for full-range uint8
+    activations: PyTorch's x86 quantizer then wants 7-bit activations (`reduce_range`)."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})

@@ -20,7 +20,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# one extension: the sparse GEMM, the fused attention, and what they share (kernels.h, rebuilt by ninja's deps)
+# one extension: the sparse GEMM, the fused attention and what they share (kernels.h; ninja tracks it)
 _SOURCES = [Path(__file__).with_name(name) for name in ("sparse_gemm.cpp", "attention.cpp")]
 PATHS = ("avx512_vnni", "avx2", "scalar")  # fastest first
 # Caps the code path, like oneDNN's ONEDNN_MAX_CPU_ISA: to compare paths, or to run as on an older CPU.
