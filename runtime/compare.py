@@ -38,7 +38,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -59,6 +59,7 @@ from .synthetic import PATTERNS, SCHEMES, SHAPES, minilm_tokenizer, synthetic_mo
 _ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 _PEAK_SIZE = 2048  # square GEMM for the peaks: large enough to be compute-bound on any CPU
 _PEAK_CALLS = 5
+_PEAK_CALL_S = 0.2  # a call this long is compute-bound enough: stop growing the GEMM there
 _PACKAGES = {  # record key: distribution (fastcpu_runtime ships inside the fastcpu distribution)
     "torch": "torch",
     "onnxruntime": "onnxruntime",
@@ -188,25 +189,34 @@ def gemm_peaks(threads: int) -> dict[str, float]:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        a, b = torch.randn(_PEAK_SIZE, _PEAK_SIZE), torch.randn(_PEAK_SIZE, _PEAK_SIZE)
-        a8, b8 = (torch.randint(-127, 128, a.shape, dtype=torch.int8) for _ in range(2))
         return {
-            "fp32": _gops(lambda: torch.mm(a, b)),
-            "bf16": _gops(lambda: torch.mm(a.bfloat16(), b.bfloat16())),
-            "int8": _gops(lambda: torch._int_mm(a8, b8)),
+            "fp32": _peak(torch.mm, lambda n: (torch.randn(n, n), torch.randn(n, n))),
+            "bf16": _peak(torch.mm, lambda n: (torch.randn(n, n, dtype=torch.bfloat16),) * 2),
+            "int8": _peak(torch._int_mm, lambda n: (torch.randint(-127, 128, (n, n), dtype=torch.int8),) * 2),
         }
     finally:
         torch.set_num_threads(previous)
 
 
-def _gops(fn) -> float:
-    fn()
+def _peak(op: Callable[..., torch.Tensor], square: Callable[[int], tuple[torch.Tensor, ...]]) -> float:
+    """GOP/s of `op` on square operands of _PEAK_SIZE, or of the first smaller size (doubling from 256)
+    whose call takes _PEAK_CALL_S: where a dtype has no fast kernel (bf16 and int8 without AVX-512 or
+    VNNI run reference loops, minutes per 2048^3 call) the peak is as slow as it is, but measured fast."""
+    size = 256
+    while True:
+        operands = square(size)
+        op(*operands)
+        start = time.perf_counter()
+        op(*operands)
+        if size >= _PEAK_SIZE or time.perf_counter() - start >= _PEAK_CALL_S:
+            break
+        size *= 2
     times = []
     for _ in range(_PEAK_CALLS):
         start = time.perf_counter()
-        fn()
+        op(*operands)
         times.append(time.perf_counter() - start)
-    return 2 * _PEAK_SIZE**3 / statistics.median(times) / 1e9
+    return 2 * size**3 / statistics.median(times) / 1e9
 
 
 def int8_ops_per_sample(artifact: Artifact, seq_len: int) -> int:
