@@ -264,7 +264,18 @@ class Study:
         `tracking.registered_model` names one, a new version of that registered model."""
         tracking = self.base.tracking
         best = report.best()
-        if not tracking.enabled or tracking.log_models == "none" or best is None:
+        if not tracking.enabled or tracking.log_models == "none":
+            return
+        if best is None:
+            if tracking.registered_model and report.front:
+                fastest = min(value(t, "latency_p90_ms", report.metric_names) for t in report.front)
+                log.warning(
+                    "nothing registered as %s: no front trial's p90 latency fits %g ms"
+                    " (the fastest: %.1f ms); raise search.latency_budget_ms to pick one",
+                    tracking.registered_model,
+                    self.config.latency_budget_ms,
+                    fastest,
+                )
             return
         from .tasks import make_task
 
