@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..artifact import INT8_SCHEMES
+from ..cpu import int8_dot_product
 from ..errors import BackendError
 from ..inputs import synthetic_batch
 from .native import positional_model
@@ -118,14 +119,20 @@ def export_onnx(artifact: Artifact, batch_size: int, seq_len: int, path: Path) -
 def quantize_int8(fp32_path: Path, int8_path: Path, modules: list[str]) -> Path:
     """ONNX Runtime dynamic int8 of the listed Linears only (unlisted ones, e.g. a QA head, stay fp32, as in
     the native backend). Symmetric per-channel QInt8 gives scale max|w| / 127, the artifact's convention, so
-    the stored int8 weights come back exactly."""
+    the stored int8 weights come back exactly; except on CPUs without VNNI, where ONNX Runtime's u8 x s8
+    kernels add product pairs in int16, which saturates: there the weights take 7 bits (`reduce_range`)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     nodes = linear_nodes(onnx.load(str(fp32_path), load_external_data=False), modules)
     with _quiet_preprocessing_hint():
         quantize_dynamic(
-            fp32_path, int8_path, per_channel=True, weight_type=QuantType.QInt8, nodes_to_quantize=nodes
+            fp32_path,
+            int8_path,
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            nodes_to_quantize=nodes,
+            reduce_range=not int8_dot_product(),  # see the docstring
         )
     quantized = count_int8_matmuls(onnx.load(str(int8_path), load_external_data=False))
     if quantized != len(nodes):

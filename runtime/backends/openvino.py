@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..artifact import INT8_SCHEMES
+from ..cpu import int8_dot_product
 from ..errors import BackendError
 from ..inputs import synthetic_batch
 from .native import calibration_batches, positional_model
@@ -132,8 +133,16 @@ def quantize_int8(model: Any, batches: list[tuple[torch.Tensor, ...]], keep_floa
         model_type=nncf.ModelType.TRANSFORMER,
         subset_size=len(batches),
         ignored_scope=nncf.IgnoredScope(names=keep_float),
-        advanced_parameters=nncf.AdvancedQuantizationParameters(smooth_quant_alphas=no_smoothing),
+        advanced_parameters=nncf.AdvancedQuantizationParameters(
+            smooth_quant_alphas=no_smoothing, overflow_fix=_overflow_fix(nncf)
+        ),
     )
+
+
+def _overflow_fix(nncf: Any) -> Any:
+    """Without VNNI the CPU plugin adds u8 x s8 product pairs in int16, which saturates: NNCF's overflow
+    fix then gives every quantized layer's weights 7 bits (its default fixes the first layer only)."""
+    return nncf.OverflowFix.FIRST_LAYER if int8_dot_product() else nncf.OverflowFix.ENABLE
 
 
 def describe(artifact: Artifact, compiled: Any, int8: bool) -> str:
