@@ -424,11 +424,9 @@ def test_study_without_a_complete_trial_fails_loudly(study):
 def test_a_study_whose_front_misses_the_latency_budget_says_nothing_was_registered(study):
     """The finished study run again (no trial left to run) with a budget no trial fits: no pick, and the
     command says why `models:/...` will not be there instead of leaving the user to find out."""
-    workdir, _, _ = study
-    cwd = workdir / "tight"  # its own MLflow store
-    cwd.mkdir()
+    workdir, _, _ = study  # the study's MLflow store holds its parent run: last in this file, it is rewritten
     command = study_command(workdir, "tiny", N_TRIALS, "out_tight", "search.latency_budget_ms=0.001")
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "best trial within p90 latency <= 0.001 ms: none" in done.stdout
     assert "nothing registered as fastcpu-squad: no front trial's p90 latency fits 0.001 ms" in done.stderr
