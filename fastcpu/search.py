@@ -267,15 +267,8 @@ class Study:
         if not tracking.enabled or tracking.log_models == "none":
             return
         if best is None:
-            if tracking.registered_model and report.front:
-                fastest = min(value(t, "latency_p90_ms", report.metric_names) for t in report.front)
-                log.warning(
-                    "nothing registered as %s: no front trial's p90 latency fits %g ms"
-                    " (the fastest: %.1f ms); raise search.latency_budget_ms to pick one",
-                    tracking.registered_model,
-                    self.config.latency_budget_ms,
-                    fastest,
-                )
+            if tracking.registered_model:
+                log.warning("nothing registered as %s: %s", tracking.registered_model, _why_no_pick(report))
             return
         from .tasks import make_task
 
@@ -378,6 +371,17 @@ def failure_summary(study: optuna.Study, shown: int = 3) -> str:
     more = f"; and {len(errors) - shown} other error(s)" if len(errors) > shown else ""
     return f"study {study.study_name!r}: no trial completed; {len(failed)} failed" + (
         f": {listed}{more}" if failed else " (the timeout passed first)"
+    )
+
+
+def _why_no_pick(report: Report) -> str:
+    """Why a finished study has no pick, and the knob that would give it one."""
+    if not report.front:
+        return "no complete trial meets the sweep's constraints (see the trials above)"
+    fastest = min(value(t, "latency_p90_ms", report.metric_names) for t in report.front)
+    return (
+        f"no front trial's p90 latency fits {report.latency_budget_ms:g} ms (the fastest: {fastest:.1f} ms);"
+        " raise search.latency_budget_ms to pick one"
     )
 
 
