@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastcpu_runtime.cpu import fast_bf16
+
 from .config import ConfigError, check_range, store_base
 from .methods import Batch, Method, ModelOutputs, Needs, model_outputs, request_attention_maps
 from .tasks.base import Features, Task
@@ -92,19 +94,19 @@ def training_device(setting: str, key: str = "training.device") -> torch.device:
 
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` has fast bf16 matmuls: a CUDA GPU that supports bf16 without emulation, or a CPU
-    with AVX-512 (oneDNN's bf16 kernels; AVX-512 BF16 and AMX in hardware). Without AVX-512 oneDNN
-    emulates bf16, slower than fp32."""
+    where oneDNN has them (fastcpu_runtime.cpu.fast_bf16)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return fast_bf16()
 
 
 def training_autocast(precision: str, device: torch.device) -> torch.autocast:
     """The autocast `training.precision` means on `device`; an explicit bf16 that the device emulates is
     kept (the user asked for it) with a warning."""
-    bf16 = precision == "bf16" or (precision == "auto" and native_bf16(device))
-    if precision == "bf16" and not native_bf16(device):
+    native = native_bf16(device)
+    if precision == "bf16" and not native:
         log.warning("training.precision=bf16 on a %s without native bf16: emulated, slower than fp32", device)
+    bf16 = precision == "bf16" or (precision == "auto" and native)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 

@@ -31,3 +31,11 @@ def int8_dot_product() -> bool:
     it oneDNN adds pairs of u8 x s8 products in int16 (vpmaddubsw), which saturates for full-range uint8
     activations: PyTorch's x86 quantizer then wants 7-bit activations (`reduce_range`)."""
     return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def fast_bf16() -> bool:
+    """Whether oneDNN runs bf16 matmuls fast here: with AVX-512 (natively with AVX-512 BF16 or AMX).
+    Below it bf16 is emulated, slower than fp32."""
+    import torch
+
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()

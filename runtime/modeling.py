@@ -10,7 +10,7 @@ from torch import nn
 
 from .architectures import sync_head_counts
 from .artifact import SCALE_SUFFIX
-from .cpu import cpu_flags
+from .cpu import cpu_flags, fast_bf16
 from .errors import ArtifactError
 from .quant import dequantize_per_channel
 
@@ -70,8 +70,7 @@ def fast_attention() -> str:
     half of fp32 sdpa's time at seq 128. Without fast bf16, plain "sdpa"."""
     if "amx_bf16" in cpu_flags():
         return BF16_SDPA
-    fast_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return BF16_ATTENTION if fast_bf16 else "sdpa"
+    return BF16_ATTENTION if fast_bf16() else "sdpa"
 
 
 def bf16_attention(

@@ -16,6 +16,7 @@ from runtime_helpers import (
 )
 
 from fastcpu_runtime import BackendError, available_backends, create_session
+from fastcpu_runtime.cpu import fast_bf16
 
 HAVE_IPEX = importlib.util.find_spec("intel_extension_for_pytorch") is not None
 
@@ -63,7 +64,7 @@ def test_fp32_matches_eager_and_pads_smaller_batches(ipex, artifacts, qa_inputs)
     [("static_int8", "static int8", 0.99), ("dynamic_int8", "dynamic int8", 0.99), ("bf16", "bf16", 0.999)],
 )
 def test_low_precision_is_close_to_eager(ipex, scheme, expected, threshold, artifacts, qa_inputs):
-    if scheme == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if scheme == "bf16" and not fast_bf16():
         with pytest.raises(BackendError, match="ipex bf16 packs its weights with AVX-512"):
             create_session(artifacts[scheme], "ipex", batch_size=BATCH, seq_len=SEQ)
         return

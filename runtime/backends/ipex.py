@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..artifact import INT8_SCHEMES
-from ..cpu import int8_dot_product
+from ..cpu import fast_bf16, int8_dot_product
 from ..errors import BackendError
 from ..inputs import synthetic_batch
 from .native import calibration_batches, positional_model
@@ -61,7 +61,7 @@ def ipex_backend(artifact: Artifact, batch_size: int, seq_len: int) -> Runner:
     if artifact.scheme in INT8_SCHEMES:
         model, precision = _int8_model(artifact, example, batch_size, seq_len)
     else:
-        if bf16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        if bf16 and not fast_bf16():
             raise BackendError(
                 "ipex bf16 packs its weights with AVX-512 (avx512bw, avx512vl, avx512dq) or AVX-NE-CONVERT,"
                 " which this CPU lacks; run the bf16 artifact on native or eager"
