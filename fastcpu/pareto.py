@@ -23,7 +23,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 REFERENCE_ATTR = "reference"  # study user attribute: {label: {metric: value}} of the uncompressed teacher
-DETAILS = ("throughput", "latency_p90_ms", "model_mb", "sparsity")  # shown beside the objectives
+DETAILS = ("throughput", "speedup", "latency_p90_ms", "model_mb", "sparsity")  # shown beside the objectives
 FILES = ("pareto.csv", "pareto.png", "pareto.html")
 UNITS = {"throughput": "samples/s", "latency_p50_ms": "ms", "latency_p90_ms": "ms", "model_mb": "MiB"}
 
@@ -73,7 +73,10 @@ class Report:
 
     @property
     def columns(self) -> list[str]:
-        return [*self.metric_names, *(d for d in DETAILS if d not in self.metric_names)]
+        """The objectives, then the details the trials have (a study without references has no speedup)."""
+        measured = {name for t in self.complete for name in t.user_attrs}
+        details = [d for d in DETAILS if d in measured and d not in self.metric_names]
+        return [*self.metric_names, *details]
 
     def row(self, trial: FrozenTrial) -> list[str]:
         settings = [_short(trial.params.get(name)) for name in self.param_names]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import os
 import signal
 import time
@@ -20,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import optuna
@@ -36,6 +37,9 @@ from .teacher import Teachers, load_model_config, resolve_source
 from .tracking import create_parent_run, finish_parent_run, flatten, tracking_uri
 from .trial import TrialConfig, check_against_teacher, measure_uncompressed, result_metrics, run_trial
 
+if TYPE_CHECKING:
+    from .tasks.base import Task
+
 log = logging.getLogger(__name__)
 
 # Heartbeats, fail_stale_trials and metric names have been "experimental" since Optuna 2.9 / 3.2; the
@@ -49,8 +53,10 @@ class StudyFailed(Exception):
 
 DEFAULT_STORAGE = Path("sweeps") / "optuna.db"
 PARENT_ATTR = "mlflow_parent_run_id"
+SPEEDUP = "speedup"  # a trial's throughput over the teacher's reference (fp32, eager): the same on any CPU
 TRIAL_ATTRS = (
     "throughput",
+    SPEEDUP,
     "latency_p50_ms",
     "latency_p90_ms",
     "model_mb",
@@ -199,7 +205,12 @@ class Study:
         """Every error a sweep can make, found before any trial runs."""
         from .tasks import make_task
 
-        self.sweep.check_metrics(result_metrics(make_task(self.base.task)))
+        if SPEEDUP in self.sweep.metrics and not self.config.references:
+            raise ConfigError(
+                f"sweep {self.sweep.path} uses {SPEEDUP}, a trial's throughput over the teacher's reference, "
+                "but search.references=false measures no reference: set it true, or constrain throughput"
+            )
+        self.sweep.check_metrics(study_metrics(make_task(self.base.task), self.config.references))
         check_against_teacher(self.base, load_model_config(resolve_source(self.base.teacher.model)))
         self.sweep.check_keys(lambda extra: TrialConfig.from_hydra(self.compose([*self.overrides, *extra])))
 
@@ -345,6 +356,7 @@ class Study:
         except Exception as error:
             trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:2000])
             raise
+        result[SPEEDUP] = _speedup(result, trial.study.user_attrs.get(REFERENCE_ATTR, {}))
         for name in TRIAL_ATTRS:
             trial.set_user_attr(name, result[name])
         trial.set_user_attr("artifact", result["artifact"])
@@ -360,6 +372,21 @@ def _fresh_compiler() -> None:
 
     torch._dynamo.reset()
     gc.collect()
+
+
+def study_metrics(task: Task, references: bool) -> set[str]:
+    """What a study's trials report: a trial's numbers, and its speedup where the study measures the
+    teacher's reference."""
+    return result_metrics(task) | ({SPEEDUP} if references else set())
+
+
+def _speedup(result: dict[str, Any], references: dict[str, dict[str, Any]]) -> float:
+    """Throughput over the teacher's reference; NaN (so a constraint on it fails) without a reference."""
+    teacher = references.get("teacher")
+    if not teacher:
+        log.warning("no teacher reference in the study yet: this trial's %s is unknown", SPEEDUP)
+        return math.nan
+    return result["throughput"] / teacher["throughput"]
 
 
 def failure_summary(study: optuna.Study, shown: int = 3) -> str:

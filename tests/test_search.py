@@ -148,6 +148,8 @@ def test_trials_carry_their_measurements_for_the_dashboard(study):
         attrs = trial.user_attrs
         assert attrs["throughput"] == trial.values[1] > 0
         assert attrs["latency_p90_ms"] > 0 and attrs["model_mb"] > 0 and 0 <= attrs["sparsity"] < 1
+        teacher = loaded.user_attrs["reference"]["teacher"]["throughput"]
+        assert attrs["speedup"] == pytest.approx(attrs["throughput"] / teacher)
         assert Path(attrs["artifact"], "manifest.json").is_file()
         assert Path(attrs["output_dir"], "result.json").is_file()
 

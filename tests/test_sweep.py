@@ -13,7 +13,7 @@ import pytest
 from conftest import CONF, compose_config
 
 from fastcpu.config import ConfigError, build
-from fastcpu.search import SearchConfig, open_storage
+from fastcpu.search import SearchConfig, open_storage, study_metrics
 from fastcpu.sweep import SWEEPS_DIR, hydra_value, load_sweep
 from fastcpu.tasks import make_task
 from fastcpu.trial import TrialConfig, result_metrics
@@ -31,7 +31,7 @@ def test_experiment_names_a_valid_sweep(experiment):
     search = build(SearchConfig, cfg.search, "search")
     assert {f.name for f in dataclasses.fields(SearchConfig)} == set(cfg.search), "search lacks a field"
     sweep = load_sweep(search.sweep)
-    sweep.check_metrics(result_metrics(make_task(TrialConfig.from_hydra(cfg).task)))
+    sweep.check_metrics(study_metrics(make_task(TrialConfig.from_hydra(cfg).task), search.references))
     sweep.check_keys(composer(experiment))
 
 
@@ -169,25 +169,32 @@ def test_unreachable_storage_is_one_clear_error(url):
     )
 
 
-def test_cli_rejects_a_bad_sweep_before_any_trial(tmp_path):
-    sweep = write_sweep(
-        tmp_path,
-        "params:\n  pruning.sparsty: {type: float, low: 0.5, high: 0.9}\nobjectives: {f1: maximize}\n",
-    )
+BAD_SWEEP = "params:\n  pruning.sparsty: {type: float, low: 0.5, high: 0.9}\nobjectives: {f1: maximize}\n"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (lambda tmp: [f"search.sweep={write_sweep(tmp, BAD_SWEEP)}"], ["params.pruning.sparsty"]),
+        (lambda tmp: ["search.references=false"], ["uses speedup", "search.references=false"]),
+    ],
+    ids=["misspelt-key", "speedup-without-references"],
+)
+def test_cli_rejects_a_bad_sweep_before_any_trial(tmp_path, overrides, named):
     storage = tmp_path / "optuna.db"
     command = [
         sys.executable,
         "-m",
         "fastcpu",
         "+experiment=squad",
-        f"search.sweep={sweep}",
+        *overrides(tmp_path),
         f"search.storage=sqlite:///{storage}",
         f"hydra.run.dir={tmp_path / 'out'}",
     ]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     errors = [line for line in done.stderr.splitlines() if line.startswith("fastcpu: error:")]
-    assert len(errors) == 1 and "params.pruning.sparsty" in errors[0]
+    assert len(errors) == 1 and all(fragment in errors[0] for fragment in named), done.stderr[-2000:]
     assert not storage.exists() and not (tmp_path / "mlruns").exists()
 
 
