@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from conftest import CONF, compose_config
+from transformers import AutoConfig
 
 from fastcpu.config import ConfigError
 from fastcpu.distillation import DistillationConfig, TermConfig
@@ -189,11 +190,18 @@ def test_registered_name_of_another_task_stops_a_study_before_any_work(tmp_path)
     [
         ("task.max_seq_length=600", "task.max_seq_length=600 exceeds what the teacher ("),
         ("student.layers=[0,7]", "student.layers=[0, 7]: [7] out of range; the teacher has layers 0..5"),
+        (
+            "teacher.model=mpnet",
+            "teacher mpnet: model type 'mpnet' is not supported yet; supported: bert, deberta-v2, "
+            "distilbert, electra, modernbert, roberta, xlm-roberta",
+        ),
     ],
 )
 def test_cli_checks_the_config_against_the_teachers_before_any_work(tmp_path, mode, override, message):
-    """Values only the teacher's config can refute (MiniLM: 6 layers, 512 positions) stop a study before
-    anything is written, and a single trial before the teacher loads (its MLflow run ends FAILED)."""
+    """Values only the teacher's config can refute (MiniLM: 6 layers, 512 positions; a family fastcpu has
+    no layer map for) stop a study before anything is written, and a single trial before the teacher loads
+    (its MLflow run ends FAILED)."""
+    AutoConfig.for_model("mpnet").save_pretrained(tmp_path / "mpnet")  # what `teacher.model=mpnet` names
     command = [sys.executable, "-m", "fastcpu", "+experiment=squad", *mode, override]
     command += [f"hydra.run.dir={tmp_path}/out", f"teacher.cache_dir={tmp_path}/cache"]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
