@@ -18,6 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+import fastcpu_runtime as rt
 from fastcpu_runtime.architectures import family_layer_map
 
 from .config import ConfigError, build, to_plain
@@ -140,6 +141,9 @@ def check_against_teacher(config: TrialConfig, model_config: Any) -> None:
     except ValueError as error:
         raise ConfigError(f"teacher {config.teacher.model}: {error}") from None
     config.student.check_against(model_config)
+    refusal = rt.backend_refusal(config.runtime.backend, model_config.model_type, config.quantization.scheme)
+    if refusal:
+        raise ConfigError(f"runtime.backend={config.runtime.backend}: {refusal}")
     limit = position_limit(model_config)
     if limit is not None and config.task.max_seq_length > limit:
         raise ConfigError(

@@ -6,7 +6,7 @@ training stack (datasets, optuna, mlflow, hydra), so it can ship alone.
 
 from .artifact import Artifact, load_artifact, write_artifact
 from .auto import AUTO, pick_backend
-from .backends import available_backends, register_backend
+from .backends import available_backends, backend_refusal, register_backend
 from .bench import BenchmarkResult, benchmark
 from .errors import ArtifactError, BackendError
 from .pipeline import Answer, Label, Pipeline, load_pipeline
@@ -24,6 +24,7 @@ __all__ = [
     "Pipeline",
     "Session",
     "available_backends",
+    "backend_refusal",
     "benchmark",
     "create_session",
     "dequantize_per_channel",

@@ -85,6 +85,10 @@ class Artifact:
         return int(self.task["max_seq_length"])
 
     @property
+    def model_type(self) -> str:
+        return self.manifest["model_type"]
+
+    @property
     def scheme(self) -> str:
         return self.manifest["quantization"]["scheme"]
 

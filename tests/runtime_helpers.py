@@ -84,7 +84,7 @@ def save(
     if ranges is not None:
         quantization["activation_ranges"] = ranges
     manifest = {
-        "model_type": "bert",
+        "model_type": model.config.model_type,
         "task": task,
         "quantization": quantization,
         "sparsity": sparsity or {"pattern": "none", "overall": 0.0},

@@ -8,14 +8,22 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import MINILM, compose_config
+from families import family_tokenizer, tiny_family_config
 from runtime_helpers import (
     BATCH,
     SEQ,
     eager_outputs,
+    encoder_linears,
     logits_cosine,
+    save,
 )
+from transformers import AutoModelForQuestionAnswering
 
+from fastcpu.config import ConfigError
+from fastcpu.trial import TrialConfig, check_against_teacher
 from fastcpu_runtime import BackendError, available_backends, create_session
+from fastcpu_runtime.backends.ipex import refuses
 from fastcpu_runtime.cpu import fast_bf16
 
 HAVE_IPEX = importlib.util.find_spec("intel_extension_for_pytorch") is not None
@@ -81,3 +89,30 @@ def test_low_precision_is_close_to_eager(ipex, scheme, expected, threshold, arti
 def test_static_int8_without_calibration_is_refused(ipex, artifacts):
     with pytest.raises(BackendError, match="calibration"):
         create_session(artifacts["static_no_calib"], "ipex", batch_size=BATCH, seq_len=SEQ)
+
+
+def test_ipex_refuses_static_int8_deberta_only():
+    """The one family x scheme pair whose IPEX graph segfaults; the others must stay allowed."""
+    assert "segmentation fault" in refuses("deberta-v2", "static_int8")
+    assert refuses("deberta-v2", "qat_int8") is not None
+    assert refuses("deberta-v2", "dynamic_int8") is None and refuses("bert", "static_int8") is None
+
+
+@pytest.fixture(scope="module")
+def deberta_static(tmp_path_factory):
+    """A tiny DeBERTa-v2 QA model exported in static int8."""
+    tokenizer = family_tokenizer("deberta-v2", MINILM)
+    model = AutoModelForQuestionAnswering.from_config(tiny_family_config("deberta-v2", tokenizer)).eval()
+    path = tmp_path_factory.mktemp("deberta") / "static"
+    return save(path, model, tokenizer, scheme="static_int8", modules=encoder_linears(model))
+
+
+def test_static_int8_deberta_is_refused_by_the_session_and_the_trial(ipex, deberta_static):
+    """One sentence naming the family and the backends that can, where IPEX would kill the process."""
+    with pytest.raises(BackendError, match=r"cannot run deberta-v2 models in static_int8: .*can: .*native"):
+        create_session(deberta_static, "ipex", batch_size=BATCH, seq_len=SEQ)
+    overrides = ["runtime=ipex", "quantization=static_int8", "student.layers=[0,2]"]  # it has 3 layers
+    config = TrialConfig.from_hydra(compose_config(overrides))
+    teacher = tiny_family_config("deberta-v2", family_tokenizer("deberta-v2", MINILM))
+    with pytest.raises(ConfigError, match=r"^runtime.backend=ipex: backend 'ipex' cannot run deberta-v2"):
+        check_against_teacher(config, teacher)

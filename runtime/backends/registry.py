@@ -23,6 +23,7 @@ class Runner:
 
 
 BackendFactory = Callable[["Artifact", int, int], "Runner | Callable[..., Any]"]
+Refusal = Callable[[str, str], "str | None"]  # (model_type, scheme) -> why the backend cannot run it, or None
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class BackendSpec:
     name: str
     factory: BackendFactory
     is_available: Callable[[], bool]
+    refuses: Refusal
 
 
 _REGISTRY: dict[str, BackendSpec] = {}
@@ -37,17 +39,20 @@ _BROKEN: dict[str, str] = {}  # backend module name -> why importing it failed
 
 
 def register_backend(
-    name: str, *, available: Callable[[], bool] | None = None
+    name: str, *, available: Callable[[], bool] | None = None, refuses: Refusal | None = None
 ) -> Callable[[BackendFactory], BackendFactory]:
     """Register `factory(artifact, batch_size, seq_len) -> Runner | callable` under `name`.
 
-    `available` is a cheap check (e.g. "is the extension importable?") that must not import heavy libraries.
+    `available` is a cheap check (e.g. "is the extension importable?") that must not import heavy libraries;
+    `refuses(model_type, scheme)` says why the backend cannot run such an artifact (None: it can), so a
+    trial can be refused before it trains and a session before it builds.
     """
 
     def decorator(factory: BackendFactory) -> BackendFactory:
         if name in _REGISTRY:
             raise ValueError(f"backend {name!r} is already registered")
-        _REGISTRY[name] = BackendSpec(name, factory, available or (lambda: True))
+        spec = BackendSpec(name, factory, available or (lambda: True), refuses or (lambda *_: None))
+        _REGISTRY[name] = spec
         return factory
 
     return decorator
@@ -85,8 +90,23 @@ def broken_backends() -> dict[str, str]:
     return dict(_BROKEN)
 
 
+def backend_refusal(name: str, model_type: str, scheme: str) -> str | None:
+    """One sentence on why backend `name` cannot run a `model_type` artifact in `scheme`, naming the
+    backends that can; None when it can (or is not registered: get_backend says so)."""
+    spec = _REGISTRY.get(name)
+    why = spec.refuses(model_type, scheme) if spec else None
+    if why is None:
+        return None
+    others = [b for b in available_backends() if b != name and not _REGISTRY[b].refuses(model_type, scheme)]
+    can = ", ".join(others)
+    return f"backend {name!r} cannot run {model_type} models in {scheme}: {why}; backends that can: {can}"
+
+
 def build_runner(name: str, artifact: Artifact, batch_size: int, seq_len: int) -> Runner:
     """The backend's runner for the artifact at a fixed shape (a bare callable is wrapped with its name)."""
+    refusal = backend_refusal(name, artifact.model_type, artifact.scheme)
+    if refusal:
+        raise BackendError(refusal)
     runner = get_backend(name)(artifact, batch_size, seq_len)
     return runner if isinstance(runner, Runner) else Runner(runner, name)
 
