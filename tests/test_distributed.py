@@ -35,7 +35,6 @@ def worker_command(workdir: Path, postgres_url: str, name: str) -> list[str]:
         f"search.study_name={STUDY}",
         f"search.n_trials={N_TRIALS}",
         "search.startup_trials=2",
-        "search.references=false",
         f"tracking.uri={postgres_url}/mlflow",
         f"teacher.cache_dir={workdir / 'cache'}",  # shared: one worker tunes the teacher, one waits
         f"hydra.run.dir={workdir / name}",
