@@ -16,6 +16,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +68,11 @@ class Report:
         )
 
     # -- table ----------------------------------------------------------------------------------------
-    @property
+    @cached_property
     def param_names(self) -> list[str]:
         return sorted({name for t in self.complete for name in t.params})
 
-    @property
+    @cached_property
     def columns(self) -> list[str]:
         """The objectives, then the details the trials have (a study without references has no speedup)."""
         measured = {name for t in self.complete for name in t.user_attrs}
