@@ -299,6 +299,8 @@ def _linear_inputs(
 
     def capture(path: str):
         def hook(module: nn.Module, args: tuple) -> None:
+            if path in captured:  # a Linear called again in the layer (DeBERTa's key on position embeddings)
+                return
             source = args[0]
             if id(source) not in by_input:
                 by_input[id(source)] = (source, source.detach().reshape(-1, source.shape[-1]).float())
