@@ -11,8 +11,9 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import tiny_bert_config, tiny_bert_model, tiny_squad_task
-from transformers import BertForQuestionAnswering
+from conftest import MINILM, tiny_bert_config, tiny_bert_model, tiny_squad_task
+from families import family_tokenizer, tiny_family_config
+from transformers import AutoModelForQuestionAnswering, BertForQuestionAnswering
 
 from fastcpu.methods import Method
 from fastcpu.pruning import (
@@ -437,6 +438,22 @@ def test_reconstruction_in_forward_order_beats_solving_each_linear_on_dense_inpu
     assert sparsity_report(in_order)["overall"] == pytest.approx(0.6, abs=0.01)
     print(f"logit error: in order {logit_error(in_order):.3g}, each alone {logit_error(each_alone):.3g}")
     assert logit_error(in_order) < 0.8 * logit_error(each_alone)
+
+
+def test_reconstruction_takes_the_first_input_of_a_linear_a_layer_calls_twice():
+    """DeBERTa-v2's attention calls its key projection on the hidden states, then again on the relative
+    position embeddings: the key is solved on the hidden states, and every Linear reaches the target."""
+    torch.manual_seed(0)
+    config = tiny_family_config("deberta-v2", family_tokenizer("deberta-v2", MINILM))
+    model = AutoModelForQuestionAnswering.from_config(config).eval()
+    pruner = make_pruner(ReconstructPruning(sparsity=0.6, pattern="4x1"), 10)
+    pruner.prepare(model)
+    pruner.calibration = [{"input_ids": torch.randint(5, config.vocab_size, (2, 24))}]
+    pruner.update_masks(0.6)
+    report = sparsity_report(model)
+    assert report["overall"] == pytest.approx(0.6, abs=0.01)
+    keys = [v for k, v in report["per_layer"].items() if k.endswith("key_proj")]
+    assert len(keys) == config.num_hidden_layers and all(v == pytest.approx(0.6, abs=0.02) for v in keys)
 
 
 def test_lamp_scores_rank_within_a_tensor_and_give_its_largest_unit_one():
