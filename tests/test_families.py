@@ -26,7 +26,7 @@ STUDENT = ["student.layers=[0,2]", "tracking=off"]  # ModernBERT's layer 0 is sp
 # the evaluation article by heart (its 6 questions), which takes a few seconds.
 MEMORIZING_TEACHER = ["teacher.training.max_steps=60", "teacher.training.learning_rate=2e-3"]
 # 4x1-pruned students run on the sparse kernels where they build (x86 with a C++ compiler)
-QA_RUNTIME = "runtime=sparse" if "sparse" in rt.available_backends() else "runtime=auto"
+QA_BACKEND = "sparse" if "sparse" in rt.available_backends() else "auto"
 SST2_TRIAL = [
     "+experiment=sst2",
     "~search",
@@ -85,7 +85,7 @@ def squad_files(tmp_path_factory) -> list[str]:
 def test_a_question_answering_trial_on_each_family(family, family_dirs, squad_files, tmp_path):
     """4x1 pruning to 80% with reconstruction and TinyBERT distillation (the experiment's recipe),
     measured on the sparse kernels (where they build), which each family's layer map feeds."""
-    teacher = [*MEMORIZING_TEACHER, f"teacher.model={family_dirs[family]}", QA_RUNTIME]
+    teacher = [*MEMORIZING_TEACHER, f"teacher.model={family_dirs[family]}", f"runtime={QA_BACKEND}"]
     done = run_fastcpu(tmp_path, [*TINY_TRIAL, *squad_files, *STUDENT, *teacher], "qa")
     assert done.returncode == 0, done.stderr[-4000:]
     out = tmp_path / "qa"
@@ -96,7 +96,7 @@ def test_a_question_answering_trial_on_each_family(family, family_dirs, squad_fi
     assert len(result["sparsity_per_layer"]) == 2 * len(LAYER_MAPS[family].stages[0]) + 6
     article = json.loads((FIXTURES / "squad_tiny.json").read_text())["data"][3]
     rows = [(qa["id"], qa["question"], p["context"]) for p in article["paragraphs"] for qa in p["qas"]]
-    pipeline = rt.load_pipeline(out / "artifact", batch_size=4)
+    pipeline = rt.load_pipeline(out / "artifact", QA_BACKEND, batch_size=4)  # the backend the trial measured
     answers = pipeline([question for _, question, _ in rows], [context for *_, context in rows])
     assert {qid: answer.answer for (qid, _, _), answer in zip(rows, answers, strict=True)} == predictions
 
@@ -112,7 +112,7 @@ def test_a_classification_trial_on_each_family(family, classifier_dirs, tmp_path
     assert result["teacher_accuracy"] > 0
     pruning = json.loads((out / "artifact" / "manifest.json").read_text())["sparsity"]
     assert pruning["heads_per_layer"] == [3, 3] and pruning["ffn_per_layer"] == [64, 64]
-    pipeline = rt.load_pipeline(out / "artifact", batch_size=8)
+    pipeline = rt.load_pipeline(out / "artifact", "eager", batch_size=8)  # the backend the trial measured
     names = {name: index for index, name in pipeline.labels.items()}
     texts = [example.text for example in parse_tsv(str(FIXTURES / "sst2_tiny.tsv"), "sentence", "label")]
     assert [names[label.label] for label in pipeline(texts)] == [predictions[str(i)] for i in range(40)]
