@@ -11,7 +11,7 @@
 //
 // Three code paths, chosen at run time (one binary, per-function target attributes):
 //   avx512_vnni : 64 tokens x 4 rows per register tile, vpdpbusd (u8 x s8, exact in int32)
-//   avx2        : vpmovzxbw + vpmaddwd (int16 products summed in int32, never saturates; unlike vpmaddubsw)
+//   avx2 (+fma) : vpmovzxbw + vpmaddwd (int16 products summed in int32, never saturates; unlike vpmaddubsw)
 //   scalar      : portable reference loops
 //
 // The fused epilogue turns the accumulators into the Linear's float32 output; for an FFN's first Linear it can go
@@ -254,10 +254,36 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void block_vnni(const Pro
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// AVX2 path: 16 tokens per step. Activations are widened to int16 and pairs (k1,k2), (k3,k4) interleaved; vpmaddwd
+// AVX2 path.
+
+// Store 4 output rows x 8 tokens (a[i] = row 4r+i; element e = token t0 + 8 (e / 4) + e % 4, see block_avx2) into
+// buf at column 4 rb: the fused epilogue per row, with that row's constants broadcast, then a 4x4 transpose per
+// 128-bit lane, so each token's 4 outputs are one 16-byte store.
+__attribute__((target("avx2,fma"))) inline void store_half_avx2(const Problem& p, int64_t r, int64_t rb, int64_t t0,
+                                                                 __m256i a[4], int32_t* buf) {
+  if (p.ep.fused) {
+    for (int i = 0; i < 4; ++i) {
+      const int64_t o = 4 * r + i;
+      const __m256i centred = _mm256_sub_epi32(a[i], _mm256_set1_epi32(p.ep.zero_point * p.ep.row_sums[o]));
+      a[i] = _mm256_castps_si256(
+          _mm256_fmadd_ps(_mm256_cvtepi32_ps(centred), _mm256_set1_ps(p.ep.scale[o]), _mm256_set1_ps(p.ep.bias[o])));
+    }
+  }
+  const __m256i e0 = _mm256_unpacklo_epi32(a[0], a[1]), e1 = _mm256_unpackhi_epi32(a[0], a[1]);
+  const __m256i e2 = _mm256_unpacklo_epi32(a[2], a[3]), e3 = _mm256_unpackhi_epi32(a[2], a[3]);
+  const __m256i u[4] = {_mm256_unpacklo_epi64(e0, e2), _mm256_unpackhi_epi64(e0, e2), _mm256_unpacklo_epi64(e1, e3),
+                        _mm256_unpackhi_epi64(e1, e3)};
+  int32_t* col = buf + 4 * rb;
+  for (int j = 0; j < 4; ++j) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(col + (t0 + j) * kBufLd), _mm256_castsi256_si128(u[j]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(col + (t0 + 8 + j) * kBufLd), _mm256_extracti128_si256(u[j], 1));
+  }
+}
+
+// 16 tokens per step. Activations are widened to int16 and pairs (k1,k2), (k3,k4) interleaved; vpmaddwd
 // multiplies them with the matching int16 weight pairs and adds the two products into int32 (255 * 128 * 2 fits
 // easily), so nothing saturates, unlike vpmaddubsw.
-__attribute__((target("avx2"))) void block_avx2(const Problem& p, const uint8_t* xt, int64_t r, int64_t rb,
+__attribute__((target("avx2,fma"))) void block_avx2(const Problem& p, const uint8_t* xt, int64_t r, int64_t rb,
                                                 int32_t* buf) {
   const int32_t g0 = p.row_ptr[r], g1 = p.row_ptr[r + 1];
   for (int64_t s = 0; s < kTile; s += 16) {
@@ -266,7 +292,8 @@ __attribute__((target("avx2"))) void block_avx2(const Problem& p, const uint8_t*
     for (int32_t g = g0; g < g1; ++g) {
       const int32_t* kk = p.col_idx + 4 * int64_t(g);
       // the 4x4 tile as int16: ymm element 4i+b = w[i][b], i.e. 32-bit word 2i = (w[i][0], w[i][1]) and 2i+1 =
-      // (w[i][2], w[i][3]); spill it so each pair can be broadcast from memory.
+      // (w[i][2], w[i][3]); spill it so each pair can be broadcast from memory (converting every group once per
+      // call instead measured no faster).
       alignas(32) int32_t wp[8];
       const __m128i w8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.values + 16 * int64_t(g)));
       _mm256_store_si256(reinterpret_cast<__m256i*>(wp), _mm256_cvtepi8_epi16(w8));
@@ -286,14 +313,9 @@ __attribute__((target("avx2"))) void block_avx2(const Problem& p, const uint8_t*
         acc[i][1] = _mm256_add_epi32(acc[i][1], hi);
       }
     }
-    alignas(32) int32_t out[4][2][8];
-    for (int i = 0; i < 4; ++i)
-      for (int h = 0; h < 2; ++h) _mm256_store_si256(reinterpret_cast<__m256i*>(out[i][h]), acc[i][h]);
     for (int h = 0; h < 2; ++h) {
-      for (int e = 0; e < 8; ++e) {
-        const int64_t t = s + 8 * (e / 4) + 4 * h + e % 4;  // element e of the lo (h=0) / hi (h=1) vectors
-        for (int i = 0; i < 4; ++i) buf[t * kBufLd + 4 * rb + i] = finish(p, 4 * r + i, out[i][h][e]);
-      }
+      __m256i rows[4] = {acc[0][h], acc[1][h], acc[2][h], acc[3][h]};
+      store_half_avx2(p, r, rb, s + 4 * h, rows, buf);
     }
   }
 }
@@ -346,12 +368,52 @@ __attribute__((target("avx512f"))) void copy_out_gelu_u8_avx512(const Problem& p
   }
 }
 
-void copy_out_gelu_u8(const Problem& p, const int32_t* buf, int64_t valid, uint8_t* y, int64_t width) {
-  if (cpu_supports_avx512()) return copy_out_gelu_u8_avx512(p, buf, valid, y, width);
+// gelu_quantize16 on 8 floats, for CPUs without AVX-512; the 8 bytes are the low half of the result.
+__attribute__((target("avx2,fma"))) inline __m128i gelu_quantize8(const Epilogue& ep, __m256 v) {
+  const __m256 z = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_mul_ps(v, _mm256_set1_ps(float(M_SQRT1_2))));
+  const __m256 t =
+      _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(z, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.0f)));
+  __m256 poly = _mm256_set1_ps(1.061405429f);
+  for (const float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f})
+    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(c));
+  poly = _mm256_mul_ps(poly, t);
+  const __m256 minus_z_squared = _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), z), z);
+  const __m256 erf_abs = _mm256_fnmadd_ps(poly, exp_nonpositive(minus_z_squared), _mm256_set1_ps(1.0f));
+  const __m256 negative = _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ);
+  const __m256 signed_erf = _mm256_blendv_ps(erf_abs, _mm256_sub_ps(_mm256_setzero_ps(), erf_abs), negative);
+  const __m256 half_v = _mm256_mul_ps(_mm256_set1_ps(0.5f), v);
+  const __m256 g = _mm256_mul_ps(half_v, _mm256_add_ps(_mm256_set1_ps(1.0f), signed_erf));
+  __m256 q = _mm256_round_ps(_mm256_mul_ps(g, _mm256_set1_ps(ep.out_inv_scale)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  q = _mm256_add_ps(q, _mm256_set1_ps(ep.out_zero_point));
+  q = _mm256_min_ps(_mm256_max_ps(q, _mm256_setzero_ps()), _mm256_set1_ps(255.0f));
+  const __m256i i32 = _mm256_cvtps_epi32(q);
+  const __m128i u16 = _mm_packus_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+  return _mm_packus_epi16(u16, u16);
+}
+
+__attribute__((target("avx2,fma"))) void copy_out_gelu_u8_avx2(const Problem& p, const int32_t* buf, int64_t valid,
+                                                                uint8_t* y, int64_t width) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t t = 0; t < valid; ++t) {
     const float* row = reinterpret_cast<const float*>(buf + t * kBufLd);
-    for (int64_t c = 0; c < width; ++c) y[t * p.out + c] = gelu_quantize(p.ep, row[c]);
+    int64_t c = 0;
+    for (; c + 8 <= width; c += 8)
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(y + t * p.out + c),
+                       gelu_quantize8(p.ep, _mm256_loadu_ps(row + c)));
+    if (c < width) {  // the chunk's last 4 outputs
+      alignas(16) uint8_t tail[16];
+      const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(width - c)), lanes);
+      _mm_store_si128(reinterpret_cast<__m128i*>(tail), gelu_quantize8(p.ep, _mm256_maskload_ps(row + c, m)));
+      std::memcpy(y + t * p.out + c, tail, width - c);
+    }
   }
+}
+
+// Only the SIMD paths get here (the scalar path has its own loop), so the CPU has at least AVX2 and FMA.
+void copy_out_gelu_u8(const Problem& p, const int32_t* buf, int64_t valid, uint8_t* y, int64_t width) {
+  if (cpu_supports_avx512()) return copy_out_gelu_u8_avx512(p, buf, valid, y, width);
+  copy_out_gelu_u8_avx2(p, buf, valid, y, width);
 }
 
 void copy_out(const Problem& p, const int32_t* buf, int64_t token0, int64_t r0, int64_t r1, bool stream) {
@@ -406,7 +468,7 @@ bool cpu_has(Path path) {
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vnni");
     case Path::kAvx2:
-      return __builtin_cpu_supports("avx2");
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     default:
       return true;
   }
