@@ -9,7 +9,6 @@ registry of its config group. The loop (`fastcpu.training.train`) calls its hook
     needs                          what the student and the teacher must return (hidden states, ...)
     for each step:
         before_step(step)          e.g. recompute masks on the pruning schedule
-        augment(step, inputs)      new inputs for this step, or None (then the teacher runs on them live)
         forward of the student (and the teacher, or its cached outputs)
         loss = method.loss(loss, batch), in turn: each may reweight the task loss or add a term
         backward
@@ -85,10 +84,6 @@ class Method:
 
     def before_step(self, step: int) -> None:
         """Called before the forward pass of `step` (0-based)."""
-
-    def augment(self, step: int, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """Other inputs to train `step` on, or None to keep the batch's (called after `before_step`)."""
-        return None
 
     def loss(self, loss: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The loss after this method: `loss` is the task loss as reweighted by the methods before it."""

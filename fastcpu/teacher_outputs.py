@@ -43,9 +43,7 @@ class LiveTeacher:
         if needs.attentions:
             request_attention_maps(self.model, "teacher")
 
-    def __call__(
-        self, rows: torch.Tensor | None, inputs: dict[str, torch.Tensor], needs: Needs
-    ) -> ModelOutputs:
+    def __call__(self, rows: torch.Tensor, inputs: dict[str, torch.Tensor], needs: Needs) -> ModelOutputs:
         with torch.no_grad():
             return model_outputs(self.model, inputs, self.names, needs)
 
@@ -152,12 +150,8 @@ class CachedTeacher(LiveTeacher):
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
-    def __call__(
-        self, rows: torch.Tensor | None, inputs: dict[str, torch.Tensor], needs: Needs
-    ) -> ModelOutputs:
-        """The stored outputs of `rows`; computed live when over budget or for inputs that are not training
-        rows (rows is None: augmented)."""
-        if self.live or rows is None:
+    def __call__(self, rows: torch.Tensor, inputs: dict[str, torch.Tensor], needs: Needs) -> ModelOutputs:
+        if self.live:
             return super().__call__(rows, inputs, needs)
         device, length = inputs["input_ids"].device, inputs["input_ids"].shape[1]
         full = self.features.inputs["input_ids"].shape[1]

@@ -115,9 +115,7 @@ class TeacherOutputs(Protocol):
 
     def prepare(self, needs: Needs, autocast: torch.autocast, device: torch.device) -> None: ...
 
-    def __call__(
-        self, rows: torch.Tensor | None, inputs: dict[str, torch.Tensor], needs: Needs
-    ) -> ModelOutputs: ...
+    def __call__(self, rows: torch.Tensor, inputs: dict[str, torch.Tensor], needs: Needs) -> ModelOutputs: ...
 
     def finish(self) -> None: ...
 
@@ -303,10 +301,6 @@ def train(
         for method in methods:
             method.before_step(step)
         rows, inputs, labels = next(batches)
-        for method in methods:
-            augmented = method.augment(step, inputs)
-            if augmented is not None:
-                rows, inputs = None, augmented  # no longer the training rows: the teacher sees them live
         inputs = {k: v.to(device) for k, v in inputs.items()}
         labels = {k: v.to(device) for k, v in labels.items()}
         with autocast:

@@ -3,7 +3,6 @@ registered distillation terms, e.g.
 
     task_weight: 0.5              # weight of the task loss on the labels
     logit_kd: {weight: 0.5, ...}  # one key per term, named as registered in TERMS
-    augmentation: {every: 2, ...} # optional: some steps distil on corrupted inputs (augmentation.py)
 
 A term is a `DistillationTerm` (a `Method` with a weight) registered with its config class; the
 `Distiller` adds the weighted terms to the task loss and forwards every other hook to them.
@@ -17,9 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ConfigError, Registry, build, check_range, coerce, to_plain
+from ..config import ConfigError, Registry, check_range, coerce, to_plain
 from ..methods import Batch, Method, Needs
-from .augmentation import AugmentationConfig, corrupt
 
 TERMS: Registry = Registry("distillation")
 
@@ -39,7 +37,6 @@ class TermConfig:
 class DistillationConfig:
     task_weight: float = 1.0  # weight of the task loss on the labels
     terms: dict[str, Any] = field(default_factory=dict)  # term name -> its config
-    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
 
 
 def build_distillation(node: Any, key: str = "distillation") -> DistillationConfig:
@@ -47,7 +44,6 @@ def build_distillation(node: Any, key: str = "distillation") -> DistillationConf
     node = dict(to_plain(node) or {})
     task_weight = coerce(node.pop("task_weight", 1.0), float, f"{key}.task_weight")
     check_range(f"{key}.task_weight", task_weight, 0.0)
-    augmentation = build(AugmentationConfig, node.pop("augmentation", None) or {}, f"{key}.augmentation")
     terms = {}
     for name, settings in node.items():
         if name not in TERMS.names:
@@ -62,12 +58,7 @@ def build_distillation(node: Any, key: str = "distillation") -> DistillationConf
             f"{key}: every weight of the loss is zero (task_weight and "
             f"{', '.join(f'{name}.weight' for name in terms) or 'no term'}); give at least one a weight > 0"
         )
-    if augmentation.every and not any(term.weight > 0 for term in terms.values()):
-        raise ConfigError(
-            f"{key}.augmentation.every={augmentation.every}: the corrupted steps train on the distillation "
-            "terms alone, and no term has a weight > 0; add a term or set augmentation.every=0"
-        )
-    return DistillationConfig(task_weight, terms, augmentation)
+    return DistillationConfig(task_weight, terms)
 
 
 class DistillationTerm(Method):
@@ -86,8 +77,6 @@ class Distiller(Method):
 
     def __init__(self, config: DistillationConfig, teacher_config: Any) -> None:
         self.task_weight = config.task_weight
-        self.augmentation = config.augmentation
-        self.augmenting = False
         self.terms: list[DistillationTerm] = [
             TERMS.create(term, teacher_config=teacher_config)
             for term in config.terms.values()
@@ -104,17 +93,8 @@ class Distiller(Method):
     def parameters(self) -> list[nn.Parameter]:
         return [p for term in self.terms for p in term.parameters()]
 
-    def before_step(self, step: int) -> None:
-        self.augmenting = self.augmentation.due(step)
-        for term in self.terms:
-            term.before_step(step)
-
-    def augment(self, step: int, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        return corrupt(inputs, self.augmentation.replace) if self.augmenting else None
-
     def loss(self, loss: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """The labels do not hold for a corrupted batch: the terms alone train on it."""
-        total = 0.0 if self.augmenting else self.task_weight * loss
+        total = self.task_weight * loss
         for term in self.terms:
             total = total + term.config.weight * term.term_loss(batch)
         return total
